@@ -1,0 +1,44 @@
+// Operator schemas.
+//
+// Two layers of operators:
+//   mmkernels::<op>(..., str backend)   public ops; their kernel is the Python backend router
+//                                        (mmkernels/ops), with autograd and fake registered once.
+//   mmkernels::native_<op>(...)         the C++ kernels, registered per dispatch key (CPU, CUDA)
+//                                        so the tensor's device picks the kernel.
+//
+// cross_attention returns the fp32 (fp64 for fp64 inputs) log-sum-exp of each query row for the
+// backward; it is +inf for rows that see no key and for padded query rows. concat_weighted_fusion
+// works on (rows, D_m) views and returns the (rows, M) modality weights for the backward; an empty
+// `values` list means the features are the values.
+#include <torch/library.h>
+
+#define MMKERNELS_CROSS_ATTENTION_ARGS \
+  "Tensor q, Tensor k, Tensor v, Tensor? kv_lengths, Tensor? key_padding_mask, Tensor? q_lengths, float scale"
+#define MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS                                                     \
+  "Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lengths, " \
+  "Tensor? key_padding_mask, Tensor? q_lengths, float scale"
+#define MMKERNELS_FUSION_ARGS "Tensor[] features, Tensor weight, Tensor? bias, Tensor[] values, bool concat"
+#define MMKERNELS_FUSION_BACKWARD_ARGS \
+  "Tensor grad_out, Tensor[] features, Tensor weight, Tensor[] values, Tensor gate, bool concat"
+
+#define MMKERNELS_CROSS_ATTENTION_RET " -> (Tensor out, Tensor lse)"
+#define MMKERNELS_CROSS_ATTENTION_BACKWARD_RET " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
+#define MMKERNELS_FUSION_RET " -> (Tensor out, Tensor gate)"
+#define MMKERNELS_FUSION_BACKWARD_RET \
+  " -> (Tensor[] grad_features, Tensor grad_weight, Tensor grad_bias, Tensor[] grad_values)"
+
+TORCH_LIBRARY(mmkernels, m) {
+  m.def("cross_attention(" MMKERNELS_CROSS_ATTENTION_ARGS ", str backend)" MMKERNELS_CROSS_ATTENTION_RET);
+  m.def("cross_attention_backward(" MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS
+        ", str backend)" MMKERNELS_CROSS_ATTENTION_BACKWARD_RET);
+  m.def("concat_weighted_fusion(" MMKERNELS_FUSION_ARGS ", str backend)" MMKERNELS_FUSION_RET);
+  m.def("concat_weighted_fusion_backward(" MMKERNELS_FUSION_BACKWARD_ARGS
+        ", str backend)" MMKERNELS_FUSION_BACKWARD_RET);
+
+  m.def("native_cross_attention(" MMKERNELS_CROSS_ATTENTION_ARGS ")" MMKERNELS_CROSS_ATTENTION_RET);
+  m.def("native_cross_attention_backward(" MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS
+        ")" MMKERNELS_CROSS_ATTENTION_BACKWARD_RET);
+  m.def("native_concat_weighted_fusion(" MMKERNELS_FUSION_ARGS ")" MMKERNELS_FUSION_RET);
+  m.def("native_concat_weighted_fusion_backward(" MMKERNELS_FUSION_BACKWARD_ARGS
+        ")" MMKERNELS_FUSION_BACKWARD_RET);
+}

@@ -1,0 +1,49 @@
+"""The C++ backends: `cpu` and `cuda` call the same mmkernels::native_* operators, and the
+dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+import torch
+
+from mmkernels import _C
+from mmkernels.backends.base import Problem
+
+_native = torch.ops.mmkernels
+
+CUDA_COMPILED = "cuda" in _C.compiled_backends
+CUDA_MAX_MODALITIES = 8
+
+
+def why_not_cpu(p: Problem, explicit: bool) -> str | None:
+    if p.device.type != "cpu":
+        return f"runs on cpu tensors, got {p.device.type}"
+    return None
+
+
+def why_not_cuda(p: Problem, explicit: bool) -> str | None:
+    if not CUDA_COMPILED:
+        return "this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"
+    if p.device.type != "cuda":
+        return f"runs on cuda tensors, got {p.device.type}"
+    if p.op == "cross_attention":
+        return "no CUDA C++ cross_attention kernel in this version (the triton backend covers CUDA)"
+    if p.dtype == torch.float64:
+        return "accumulates in fp32, so float64 is left to the reference backend"
+    if p.modalities > CUDA_MAX_MODALITIES:
+        return f"supports at most {CUDA_MAX_MODALITIES} modalities, got {p.modalities}"
+    return None
+
+
+def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
+    return _native.native_cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale)
+
+
+def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale):
+    return _native.native_cross_attention_backward(
+        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale
+    )
+
+
+def concat_weighted_fusion(features, weight, bias, values, concat):
+    return _native.native_concat_weighted_fusion(features, weight, bias, values, concat)
+
+
+def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat):
+    return _native.native_concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat)

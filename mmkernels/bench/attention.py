@@ -1,0 +1,113 @@
+"""cross_attention cases and the peers a user would pick instead."""
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import mmkernels
+from mmkernels.backends import reasons
+from mmkernels.backends.base import Problem
+
+
+@dataclasses.dataclass
+class AttentionCase:
+    B: int
+    H: int
+    Lq: int
+    Lk: int
+    D: int
+    padded: bool  # kv_lengths uniform in [Lk/4, Lk], else every key is real
+    mode: str  # "fwd" or "fwd+bwd"
+    memory_only: bool = False  # one call per provider: the case is about peak memory
+
+    op = "cross_attention"
+
+    @property
+    def shape(self):
+        return f"B{self.B} H{self.H} Lq{self.Lq} Lk{self.Lk} D{self.D}"
+
+    def inputs(self, device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        make = lambda L: torch.randn(self.B, self.H, L, self.D, generator=g).to(device, dtype)
+        q, k, v = make(self.Lq), make(self.Lk), make(self.Lk)
+        lengths = None
+        if self.padded:
+            lengths = torch.randint(self.Lk // 4, self.Lk + 1, (self.B,), generator=g).to(device)
+        return q, k, v, lengths
+
+    def flops(self, lengths) -> float:
+        """Counting only the real (unpadded) keys; backward is 2.5x the forward's matmuls."""
+        keys = float(lengths.sum()) if lengths is not None else self.B * self.Lk
+        fwd = 4.0 * self.H * self.Lq * keys * self.D
+        return fwd * (3.5 if self.mode == "fwd+bwd" else 1.0)
+
+    def lengths_label(self, lengths):
+        return "-" if lengths is None else "/".join(str(int(x)) for x in lengths)
+
+
+def _bool_mask(q, k, lengths):
+    if lengths is None:
+        return None
+    return (torch.arange(k.shape[2], device=q.device) < lengths.view(-1, 1)).view(q.shape[0], 1, 1, -1)
+
+
+def eager(q, k, v, lengths):
+    """The composite of the math: materialises the (Lq, Lk) scores."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = _bool_mask(q, k, lengths)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def _sdpa(backend):
+    def run(q, k, v, lengths):
+        ctx = torch.nn.attention.sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+        with ctx:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(q, k, lengths))
+
+    return run
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    cache = {}
+
+    def run(q, k, v, lengths):
+        key = (q.shape, k.shape, None if lengths is None else tuple(lengths.tolist()))
+        if key not in cache:  # the BlockMask is built once per shape and lengths, as a user would
+            if lengths is None:
+                cache[key] = None
+            else:
+                mod = lambda b, h, qi, ki: ki < lengths[b]
+                cache[key] = create_block_mask(mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+        return compiled(q, k, v, block_mask=cache[key])
+
+    return run
+
+
+def providers(case, device, dtype, full: bool):
+    """name -> callable(q, k, v, lengths) -> out; the first peer is the correctness oracle."""
+    out = {"eager": eager}
+    problem = Problem.of("cross_attention", torch.empty(0, device=device, dtype=dtype), head_dim=case.D)
+    for name, why in reasons(problem, explicit=True).items():
+        if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
+            out[f"mmkernels-{name}"] = (lambda backend: lambda q, k, v, lengths: mmkernels.cross_attention(q, k, v, kv_lengths=lengths, backend=backend))(name)
+    out["sdpa"] = _sdpa(None)
+    out["sdpa-math"] = _sdpa(torch.nn.attention.SDPBackend.MATH)
+    if device.type == "cuda":
+        out["sdpa-flash"] = _sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+        out["sdpa-efficient"] = _sdpa(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION)
+        out["sdpa-cudnn"] = _sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+    if device.type == "cuda" or full:
+        out["flex"] = _flex()
+        out["compile"] = torch.compile(eager, dynamic=False)
+    with contextlib.suppress(ImportError):
+        from flash_attn import flash_attn_func
+
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            out["flash-attn"] = lambda q, k, v, lengths: None if lengths is not None else flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return out

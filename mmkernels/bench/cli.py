@@ -1,0 +1,37 @@
+"""`mmkernels bench`: the curated sweep for the device it finds, a table, a CSV and plots."""
+import argparse
+import os
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--full", action="store_true", help="the long sweep, with every peer")
+    parser.add_argument("--op", choices=["cross_attention", "concat_weighted_fusion"], help="only this op")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and plots")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from mmkernels.bench import report, suites
+    from mmkernels.bench.runner import run_case
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cases = (suites.cuda_cases if device.type == "cuda" else suites.cpu_cases)(args.full)
+    cases = [c for c in cases if args.op in (None, c.op)]
+    print(f"mmkernels bench on {report.device_name(device)}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = []
+    for case in tqdm(cases, desc="cases", unit="case"):
+        case_results = run_case(case, device, dtype, args.full)
+        tqdm.write(report.format_case(case_results, dtype))
+        results.append(case_results)
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"{device.type}-{str(dtype).removeprefix('torch.')}{'-full' if args.full else ''}"
+    path = os.path.join(args.out, f"{tag}.csv")
+    report.write_csv(path, [row for rs in results for row in report.csv_rows(rs, device, dtype)])
+    print(f"\nwrote {path}")
+    return 0

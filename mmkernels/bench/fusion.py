@@ -1,0 +1,53 @@
+"""concat_weighted_fusion cases and the peers a user would pick instead."""
+import dataclasses
+
+import torch
+
+import mmkernels
+from mmkernels.backends import reasons
+from mmkernels.backends.base import Problem
+
+
+@dataclasses.dataclass
+class FusionCase:
+    M: int
+    rows: int
+    D: int
+    mode: str
+    memory_only: bool = False
+
+    op = "concat_weighted_fusion"
+
+    @property
+    def shape(self):
+        return f"M{self.M} rows{self.rows} D{self.D}"
+
+    def inputs(self, device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        features = [torch.randn(self.rows, self.D, generator=g).to(device, dtype) for _ in range(self.M)]
+        weight = (torch.randn(self.M, self.M * self.D, generator=g) / (self.M * self.D) ** 0.5).to(device, dtype)
+        bias = torch.zeros(self.M).to(device, dtype)
+        return features, weight, bias
+
+    def bytes_moved(self, dtype) -> float:
+        """Forward: every feature read once, the output written once (the backward roughly 3x)."""
+        size = torch.finfo(dtype).bits // 8
+        fwd = (self.M + 1) * self.rows * self.D * size
+        return fwd * (3.0 if self.mode == "fwd+bwd" else 1.0)
+
+
+def eager(features, weight, bias):
+    """cat -> linear -> softmax -> weighted sum, as written in the seed documents."""
+    w = torch.softmax(torch.nn.functional.linear(torch.cat(features, -1), weight, bias), -1)
+    return (torch.stack(features, -1) * w.unsqueeze(-2)).sum(-1)
+
+
+def providers(case, device, dtype, full: bool):
+    out = {"eager": eager}
+    problem = Problem.of("concat_weighted_fusion", torch.empty(0, device=device, dtype=dtype), modalities=case.M)
+    for name, why in reasons(problem, explicit=True).items():
+        if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
+            out[f"mmkernels-{name}"] = (lambda backend: lambda f, w, b: mmkernels.concat_weighted_fusion(f, w, b, backend=backend))(name)
+    if device.type == "cuda" or full:
+        out["compile"] = torch.compile(eager, dynamic=False)
+    return out

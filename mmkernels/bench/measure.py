@@ -1,0 +1,76 @@
+"""Timing and peak memory, the same way for every provider.
+
+CUDA: CUDA events around each call, an L2 flush before it, warm-up, median (triton's do_bench
+semantics). CPU: torch.utils.benchmark's blocked_autorange median. Peak memory: the caching
+allocator's peak on CUDA; on CPU the rise of the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs) over the resident set before the call.
+"""
+import ctypes
+import functools
+import statistics
+
+import torch
+import torch.utils.benchmark as tbench
+
+
+def time_ms(fn, device: torch.device, min_run_time: float = 0.5) -> float:
+    if device.type == "cuda":
+        return _time_cuda(fn)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _time_cuda(fn, reps: int = 50, warmup: int = 10) -> float:
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+@functools.cache
+def _unmap_large_blocks_on_free() -> bool:
+    """glibc keeps freed blocks for reuse (and raises its mmap threshold as it goes), so the
+    resident set would hide a later peak. A fixed threshold maps every block of 64 KiB or more on
+    its own and unmaps it on free, so the resident set follows what is really live."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
+
+
+def peak_memory_mib(fn, device: torch.device) -> float | None:
+    """Extra memory at the peak of one call, or None where it can't be measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if not _unmap_large_blocks_on_free():
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        before = _proc_status_kib("VmRSS")
+        fn()
+        return max(0, _proc_status_kib("VmHWM") - before) / 1024
+    except OSError:
+        return None

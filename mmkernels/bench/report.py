@@ -1,0 +1,77 @@
+"""The table printed by `mmkernels bench`, and the CSV rows."""
+import csv
+import datetime
+import os
+import subprocess
+
+import torch
+
+
+def _commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def best_mmkernels(results):
+    timed = [r for r in results if r.provider.startswith("mmkernels") and r.time_ms]
+    return min(timed, key=lambda r: r.time_ms) if timed else None
+
+
+def format_case(results, dtype):
+    case = results[0].case
+    unit = "TFLOP/s" if case.op == "cross_attention" else "GB/s"
+    ours = best_mmkernels(results)
+    what = "peak memory (one call)" if case.memory_only else "median time"
+    lines = [f"\n{case.op} {case.mode} {case.shape} {dtype} lengths={results[0].lengths}  [{what}]"]
+    lines.append(f"  {'provider':<18}{'ms':>10}{unit:>10}{'peak MiB':>10}  mmkernels speed-up / memory ratio")
+    for r in results:
+        if r.time_ms is None:
+            lines.append(f"  {r.provider:<18}{r.note}")
+            continue
+        ratio = ""
+        if ours is not None and r is not ours:
+            ratio = f"{r.time_ms / ours.time_ms:6.2f}x faster"
+            if r.peak_mib and ours.peak_mib is not None:
+                ratio += f"   memory {ours.peak_mib / r.peak_mib:6.1%} of this"
+        lines.append(f"  {r.provider:<18}{r.time_ms:>10.3f}{r.throughput:>10.2f}{(r.peak_mib or 0):>10.1f}  {ratio}")
+    return "\n".join(lines)
+
+
+FIELDS = ["device", "dtype", "op", "mode", "shape", "lengths", "provider", "time_ms", "throughput", "throughput_unit", "peak_mib", "note", "commit", "date", "torch", "triton"]
+
+
+def csv_rows(results, device, dtype):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    base = dict(device=device_name(device), dtype=str(dtype).removeprefix("torch."), commit=_commit(), date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton_version)
+    for r in results:
+        yield dict(base, op=r.case.op, mode=r.case.mode, shape=r.case.shape, lengths=r.lengths, provider=r.provider,
+                   time_ms=f"{r.time_ms:.4f}" if r.time_ms else "", throughput=f"{r.throughput:.3f}" if r.throughput else "",
+                   throughput_unit="TFLOP/s" if r.case.op == "cross_attention" else "GB/s",
+                   peak_mib=f"{r.peak_mib:.1f}" if r.peak_mib is not None else "", note=r.note)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)

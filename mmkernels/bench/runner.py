@@ -1,0 +1,81 @@
+"""Runs one case: builds the inputs, checks every provider against the oracle (the first
+provider, the eager composite), then times each and measures its peak memory."""
+import dataclasses
+
+import torch
+
+from mmkernels.bench import attention, fusion
+from mmkernels.bench.measure import peak_memory_mib, time_ms
+
+TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-8, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+@dataclasses.dataclass
+class Result:
+    case: object
+    provider: str
+    time_ms: float | None = None
+    throughput: float | None = None  # TFLOP/s for attention, GB/s for fusion
+    peak_mib: float | None = None
+    lengths: str = "-"
+    note: str = ""  # why there is no time: "n/a: ..." or "WRONG: ..."
+
+
+def _module(case):
+    return attention if case.op == "cross_attention" else fusion
+
+
+def _call(case, provider, inputs, dtype):
+    """A zero-argument callable for the case's mode, and the leaves it differentiates."""
+    if case.mode == "fwd":
+        return lambda: provider(*inputs)
+    if case.op == "cross_attention":
+        q, k, v, lengths = inputs
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        args = (*leaves, lengths)
+    else:
+        features, weight, bias = inputs
+        leaves = [t.detach().requires_grad_() for t in (*features, weight, bias)]
+        args = (leaves[:-2], leaves[-2], leaves[-1])
+    grad = torch.randn_like(provider(*inputs))
+    return lambda: torch.autograd.grad(provider(*args), leaves, grad)
+
+
+def run_case(case, device, dtype, full=False):
+    inputs = case.inputs(device, dtype)
+    lengths = inputs[3] if case.op == "cross_attention" else None
+    label = case.lengths_label(lengths) if case.op == "cross_attention" else "-"
+    provs = _module(case).providers(case, device, dtype, full)
+    oracle = None if case.memory_only else next(iter(provs.values()))(*inputs).float()
+    results = []
+    for name, provider in provs.items():
+        r = Result(case, name, lengths=label)
+        results.append(r)
+        try:
+            if oracle is not None:
+                out = provider(*inputs)
+                if out is None:
+                    r.note = "n/a: does not take these inputs"
+                    continue
+                err = (out.float() - oracle).abs().max().item() if out.numel() else 0.0
+                if not err <= TOLERANCE[dtype] * max(1.0, oracle.abs().max().item()):
+                    r.note = f"WRONG: max error {err:.3g}"
+                    continue
+            fn = _call(case, provider, inputs, dtype)
+            if case.memory_only:
+                import time
+
+                start = time.perf_counter()
+                r.peak_mib = peak_memory_mib(fn, device)
+                r.time_ms = (time.perf_counter() - start) * 1e3
+            else:
+                r.time_ms = time_ms(fn, device)
+                r.peak_mib = peak_memory_mib(fn, device)
+        except Exception as e:  # a peer that can't run these inputs is reported, not fatal
+            r.note = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            continue
+        if case.op == "cross_attention":
+            r.throughput = case.flops(lengths) / (r.time_ms * 1e-3) / 1e12
+        else:
+            r.throughput = case.bytes_moved(dtype) / (r.time_ms * 1e-3) / 1e9
+    return results

@@ -1,0 +1,45 @@
+"""The curated sweeps: what `mmkernels bench` runs for the device it finds."""
+from mmkernels.bench.attention import AttentionCase
+from mmkernels.bench.fusion import FusionCase
+
+
+def cpu_cases(full: bool):
+    cases = [
+        # The foundation issue's CPU targets (fp32, 2 cores).
+        AttentionCase(4, 8, 128, 1024, 64, padded=True, mode="fwd"),
+        AttentionCase(4, 8, 128, 1024, 64, padded=True, mode="fwd+bwd"),
+        AttentionCase(4, 8, 128, 1024, 64, padded=False, mode="fwd"),
+        AttentionCase(1, 8, 4096, 4096, 64, padded=False, mode="fwd+bwd", memory_only=True),
+        FusionCase(3, 65536, 768, mode="fwd"),
+        FusionCase(3, 65536, 768, mode="fwd+bwd"),
+    ]
+    # Sweeps for the plots: speed-up and memory against key length.
+    for Lk in (256, 512, 2048) + ((4096,) if full else ()):
+        cases.append(AttentionCase(4, 8, 128, Lk, 64, padded=True, mode="fwd"))
+    for L in (1024, 2048):
+        cases.append(AttentionCase(1, 8, L, L, 64, padded=False, mode="fwd+bwd", memory_only=True))
+    if full:
+        cases += [
+            AttentionCase(4, 8, 512, 4096, 128, padded=True, mode="fwd"),
+            FusionCase(2, 16384, 2048, mode="fwd+bwd"),
+            FusionCase(4, 262144, 256, mode="fwd+bwd"),
+        ]
+    return cases
+
+
+def cuda_cases(full: bool):
+    cases = []
+    for L in (1024, 4096):
+        cases.append(AttentionCase(16384 // L * 4, 16, L, L, 128, padded=False, mode="fwd"))
+    cases += [
+        AttentionCase(8, 16, 512, 4096, 128, padded=True, mode="fwd"),
+        AttentionCase(16, 16, 1024, 1024, 128, padded=False, mode="fwd+bwd"),
+        AttentionCase(8, 16, 512, 4096, 128, padded=True, mode="fwd+bwd"),
+        FusionCase(3, 262144, 1024, mode="fwd"),
+        FusionCase(3, 262144, 1024, mode="fwd+bwd"),
+    ]
+    for Lk in (256, 1024, 2048) + ((8192,) if full else ()):
+        cases.append(AttentionCase(8, 16, 512, Lk, 128, padded=True, mode="fwd"))
+    for L in (1024, 2048, 4096, 8192):
+        cases.append(AttentionCase(1, 16, L, L, 128, padded=False, mode="fwd+bwd", memory_only=True))
+    return cases

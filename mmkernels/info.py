@@ -1,0 +1,34 @@
+"""Build facts of the compiled extension and what is usable at run time."""
+import importlib.util
+import os
+
+import torch
+
+from mmkernels import _C
+from mmkernels.backends import available_backends
+
+
+def info() -> dict:
+    cuda_ok = torch.cuda.is_available()
+    triton_ok = importlib.util.find_spec("triton") is not None
+    facts = {
+        "mmkernels": _C.__version__,
+        "built_with_torch": _C.torch_version,
+        "built_with_cuda": _C.cuda_version,
+        "compiled_backends": list(_C.compiled_backends),
+        "cuda_archs": _C.cuda_archs,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if cuda_ok else None,
+        "triton": importlib.import_module("triton").__version__ if triton_ok else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "backends_cpu": available_backends("cpu"),
+    }
+    if cuda_ok:
+        facts["backends_cuda"] = available_backends("cuda")
+    return facts
+
+
+def format_info(facts: dict | None = None) -> str:
+    facts = info() if facts is None else facts
+    width = max(map(len, facts))
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in facts.items())

@@ -1,0 +1,55 @@
+"""Argument checks shared by the ops. Every message names the argument, what was expected and
+what came. Checks of shapes, dtypes and devices run where the op is called (also while
+torch.compile traces); checks of tensor *values* (lengths in range) run in the op itself, on
+real tensors, and are skipped while a CUDA graph is being captured."""
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def fail(message: str):
+    raise ValueError(message)
+
+
+def check_float(name: str, t):
+    if not isinstance(t, torch.Tensor):
+        fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        fail(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_like(name: str, t, ref_name: str, ref):
+    """Same dtype and device as ref."""
+    check_float(name, t)
+    if t.dtype != ref.dtype or t.device != ref.device:
+        fail(f"{name} must have {ref_name}'s dtype and device ({ref.dtype} on {ref.device}), got {t.dtype} on {t.device}")
+
+
+def check_last_dim_contiguous(name: str, t):
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        fail(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(t.stride())}; "
+             "a transposed view such as x.transpose(1, 2) is fine, a transposed last dim is not")
+
+
+def check_index(name: str, t, ref_name: str, ref, batch: int):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype not in INDEX_DTYPES or t.device != ref.device:
+        got = f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        fail(f"{name} must be int32 or int64 on {ref_name}'s device ({ref.device}), got {got}")
+    if tuple(t.shape) != (batch,):
+        fail(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_index_values(name: str, t, limit: int):
+    """Lengths must lie in [0, limit]; kernels clamp as well, so a skipped check is never unsafe."""
+    if t is None or t.numel() == 0 or capturing():
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi > limit:
+        fail(f"{name} must be in [0, {limit}], got values in [{lo}, {hi}]")

@@ -1,0 +1,126 @@
+"""concat_weighted_fusion: the public function, the operator's router, its fake and its autograd."""
+import torch
+
+from mmkernels.backends import choose, kernels
+from mmkernels.backends.base import Problem, acc_dtype
+from mmkernels.ops._checks import check_float, check_last_dim_contiguous, check_like, fail
+
+OUTPUTS = ("sum", "concat")
+
+
+def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="sum", backend=None):
+    """Softmax-weighted fusion of M modalities.
+
+    features: M tensors (..., D_m) with the same leading dims; weight: (M, sum D_m); bias: (M,).
+    w = softmax_m(concat(features) @ weight.T + bias) is computed without building the
+    concatenation. values: M tensors (..., E_m) to weight (default: the features).
+    output="sum": sum_m w_m * values[m] (all E_m equal) -> (..., E);
+    output="concat": concat_m(w_m * values[m]) -> (..., sum E_m).
+
+    Each input must be viewable as (rows, D) without a copy (leading dims that flatten, last
+    dim contiguous); a layout that can't raises instead of being copied behind your back.
+    """
+    if not isinstance(features, (list, tuple)) or len(features) == 0:
+        fail(f"features must be a non-empty list of tensors, got {type(features).__name__} of length {len(features) if isinstance(features, (list, tuple)) else 'n/a'}")
+    M = len(features)
+    check_float("features[0]", features[0])
+    lead = tuple(features[0].shape[:-1])
+    for i, f in enumerate(features):
+        check_like(f"features[{i}]", f, "features[0]", features[0])
+        if tuple(f.shape[:-1]) != lead:
+            fail(f"features[{i}] must have the leading dims {lead} of features[0], got shape {tuple(f.shape)}")
+    widths = [f.shape[-1] for f in features]
+    check_like("weight", weight, "features[0]", features[0])
+    if tuple(weight.shape) != (M, sum(widths)):
+        fail(f"weight must have shape (M, sum D_m) = ({M}, {sum(widths)}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_like("bias", bias, "features[0]", features[0])
+        if tuple(bias.shape) != (M,):
+            fail(f"bias must have shape ({M},), got {tuple(bias.shape)}")
+    if output not in OUTPUTS:
+        fail(f"output must be 'sum' or 'concat', got {output!r}")
+    if values is not None:
+        if not isinstance(values, (list, tuple)) or len(values) != M:
+            fail(f"values must be a list of {M} tensors (one per feature), got {len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
+        for i, v in enumerate(values):
+            check_like(f"values[{i}]", v, "features[0]", features[0])
+            if tuple(v.shape[:-1]) != lead:
+                fail(f"values[{i}] must have the leading dims {lead} of the features, got shape {tuple(v.shape)}")
+    value_widths = [v.shape[-1] for v in (values or features)]
+    if output == "sum" and len(set(value_widths)) != 1:
+        fail(f"output='sum' needs every {'values' if values else 'features'}[m] to have the same width, got {value_widths}; use output='concat'")
+
+    rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
+    value_rows = [_as_rows(f"values[{i}]", v) for i, v in enumerate(values)] if values is not None else []
+    out, _ = torch.ops.mmkernels.concat_weighted_fusion(
+        rows, weight, bias, value_rows, output == "concat", backend or ""
+    )
+    return out.view(*lead, out.shape[-1])
+
+
+def _as_rows(name, t):
+    check_last_dim_contiguous(name, t)
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        fail(f"{name} must be viewable as (rows, {t.shape[-1]}) without a copy, got shape "
+             f"{tuple(t.shape)} with strides {tuple(t.stride())}; call .contiguous() on it first")
+
+
+def _problem(features):
+    return Problem.of("concat_weighted_fusion", features[0], modalities=len(features))
+
+
+@torch.library.register_kernel("mmkernels::concat_weighted_fusion", None)
+def _forward(features, weight, bias, values, concat, backend):
+    return kernels(choose(_problem(features), backend)).concat_weighted_fusion(features, weight, bias, values, concat)
+
+
+@torch.library.register_kernel("mmkernels::concat_weighted_fusion_backward", None)
+def _backward(grad_out, features, weight, values, gate, concat, backend):
+    return kernels(choose(_problem(features), backend)).concat_weighted_fusion_backward(
+        grad_out, features, weight, values, gate, concat
+    )
+
+
+def _fake_forward(features, weight, bias, values, concat, *rest):
+    vals = values or features
+    width = sum(v.shape[1] for v in vals) if concat else vals[0].shape[1]
+    rows = features[0].shape[0]
+    return features[0].new_empty(rows, width), features[0].new_empty(rows, len(features), dtype=acc_dtype(features[0].dtype))
+
+
+def _fake_backward(grad_out, features, weight, values, gate, concat, *rest):
+    return (
+        [f.new_empty(f.shape) for f in features],
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape[0]),
+        [v.new_empty(v.shape) for v in values],
+    )
+
+
+for _prefix in ("", "native_"):
+    torch.library.register_fake(f"mmkernels::{_prefix}concat_weighted_fusion", _fake_forward)
+    torch.library.register_fake(f"mmkernels::{_prefix}concat_weighted_fusion_backward", _fake_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    features, weight, bias, values, concat, backend = inputs
+    ctx.save_for_backward(weight, output[1], *features, *values)
+    ctx.m, ctx.has_bias, ctx.concat, ctx.backend = len(features), bias is not None, concat, backend
+
+
+def _autograd_backward(ctx, grad_out, grad_gate):
+    weight, gate, *rest = ctx.saved_tensors
+    features, values = rest[: ctx.m], rest[ctx.m :]
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_features, grad_weight, grad_bias, grad_values = torch.ops.mmkernels.concat_weighted_fusion_backward(
+        grad_out, features, weight, values, gate, ctx.concat, ctx.backend
+    )
+    return grad_features, grad_weight, grad_bias if ctx.has_bias else None, grad_values, None, None
+
+
+torch.library.register_autograd(
+    "mmkernels::concat_weighted_fusion", _autograd_backward, setup_context=_setup_context
+)

@@ -1,0 +1,116 @@
+"""cross_attention: the public function, the operator's router, its fake and its autograd."""
+import torch
+
+from mmkernels.backends import choose, kernels
+from mmkernels.backends.base import Problem, acc_dtype
+from mmkernels.ops._checks import (
+    check_float,
+    check_index,
+    check_index_values,
+    check_last_dim_contiguous,
+    check_like,
+    fail,
+)
+
+
+def cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, q_lengths=None, scale=None, backend=None):
+    """Attention of queries from one modality over keys/values of another.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0 (grouped-query attention, no
+    copy of k/v). Any strides with a contiguous last dim: a (B, L, H, D) tensor viewed with
+    .transpose(1, 2) is taken as it is, and the output comes back in q's layout.
+
+    kv_lengths: int (B,), keys j >= kv_lengths[b] are padding (the fast path: padded key tiles
+    are skipped). key_padding_mask: bool (B, Lk), True = ignore the key (nn.MultiheadAttention's
+    convention). q_lengths: int (B,), query rows i >= q_lengths[b] are padding. A query row that
+    sees no key, and every padded query row, outputs exactly 0 and passes no gradient.
+
+    scale defaults to D ** -0.5; the softmax runs in fp32 (fp64 for fp64 inputs). backend: None
+    (use_backend / MMKERNELS_BACKEND / auto) or one of mmkernels.available_backends().
+    Returns (B, Hq, Lq, D) in q's dtype.
+    """
+    check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = torch.ops.mmkernels.cross_attention(
+        q, k, v, kv_lengths, key_padding_mask, q_lengths, scale, backend or ""
+    )
+    return out
+
+
+def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths):
+    check_float("q", q)
+    check_like("k", k, "q", q)
+    check_like("v", v, "q", q)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            fail(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        check_last_dim_contiguous(name, t)
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        fail(f"k must be (B={B}, Hkv, Lk, D={D}) to match q, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        fail(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if (Hkv == 0 and Hq != 0) or (Hkv and Hq % Hkv):
+        fail(f"q's heads must be a multiple of k's heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}")
+    check_index("kv_lengths", kv_lengths, "q", q, B)
+    check_index("q_lengths", q_lengths, "q", q, B)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device:
+            got = f"{key_padding_mask.dtype} on {key_padding_mask.device}" if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            fail(f"key_padding_mask must be bool on q's device ({q.device}), got {got}")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            fail(f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
+
+
+def _problem(q):
+    return Problem.of("cross_attention", q, head_dim=q.shape[-1])
+
+
+@torch.library.register_kernel("mmkernels::cross_attention", None)
+def _forward(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale, backend):
+    check_index_values("kv_lengths", kv_lengths, k.shape[2])
+    check_index_values("q_lengths", q_lengths, q.shape[2])
+    name = choose(_problem(q), backend)
+    return kernels(name).cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale)
+
+
+@torch.library.register_kernel("mmkernels::cross_attention_backward", None)
+def _backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale, backend):
+    name = choose(_problem(q), backend)
+    return kernels(name).cross_attention_backward(
+        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale
+    )
+
+
+def _fake_forward(q, k, v, *rest):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+
+
+def _fake_backward(grad_out, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+for _prefix in ("", "native_"):
+    torch.library.register_fake(f"mmkernels::{_prefix}cross_attention", _fake_forward)
+    torch.library.register_fake(f"mmkernels::{_prefix}cross_attention_backward", _fake_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lengths, key_padding_mask, q_lengths, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _autograd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = torch.ops.mmkernels.cross_attention_backward(
+        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, ctx.scale, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("mmkernels::cross_attention", _autograd_backward, setup_context=_setup_context)

@@ -1,0 +1,116 @@
+"""Builds mmkernels._C against the torch already installed (pip install --no-build-isolation .).
+
+CPU kernels always build. CUDA kernels build when nvcc and a CUDA build of torch are present;
+MMKERNELS_FORCE_CUDA=1 insists on them (an error if impossible), MMKERNELS_FORCE_CUDA=0 skips
+them. MMKERNELS_CUDA_ARCHS (default "80;90") picks the targets.
+"""
+import glob
+import importlib.util
+import os
+import shutil
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH; on our machines that is a wrapper script in
+    /usr/local/bin, so the guess (/usr/local) has no libcudart. Take the first candidate that
+    really is a toolkit."""
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ:
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(f"{home}/lib*/libcudart.so*"):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is set)
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+VERSION = "0.1.0"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("MMKERNELS_FORCE_CUDA")
+    possible = CUDA_HOME is not None and torch.version.cuda is not None
+    if force == "1" and not possible:
+        raise RuntimeError(
+            "MMKERNELS_FORCE_CUDA=1 needs nvcc and a CUDA build of torch; got "
+            f"CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda}"
+        )
+    return possible if force is None else force == "1"
+
+
+def cuda_archs() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("MMKERNELS_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    if not all(a.isdigit() for a in archs):
+        raise RuntimeError(f"MMKERNELS_CUDA_ARCHS must be like '80;90', got {archs}")
+    return archs
+
+
+def cuda_library_headers() -> list[str]:
+    """torch's CUDA headers include cuSPARSE/cuBLAS headers that a bare toolkit (ours has only
+    nvcc and the runtime) may lack; the nvidia-* wheels that came with torch carry them."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec else []
+    found = sorted({os.path.dirname(p) for r in roots for p in glob.glob(f"{r}/**/include/cusparse.h", recursive=True)})
+    if not found:
+        raise RuntimeError(f"cusparse.h is neither in {CUDA_HOME}/include nor in an nvidia-* wheel")
+    return found
+
+
+def cpu_vector_flags() -> list[str]:
+    """ATen's AVX2 vector path (FMA, a vectorised exp) for the CPU kernels when the build
+    machine has AVX2, FMA and F16C: we build where we run. MMKERNELS_CPU_AVX2=0/1 overrides."""
+    forced = os.environ.get("MMKERNELS_CPU_AVX2")
+    if forced is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        enabled = {"avx2", "fma", "f16c"} <= set(flags)
+    else:
+        enabled = forced == "1"
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if enabled else []
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    torch_version = torch.__version__.split("+")[0]
+    macros = [("MMKERNELS_VERSION", f'"{VERSION}"'), ("MMKERNELS_TORCH_VERSION", torch_version)]
+    cxx = ["-O3", *cpu_vector_flags()]  # the C++ standard is the one cpp_extension picks for torch
+    if not want_cuda():
+        return CppExtension("mmkernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+    archs = cuda_archs()
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    macros += [("MMKERNELS_WITH_CUDA", None), ("MMKERNELS_CUDA_VERSION", torch.version.cuda)]
+    cxx.append("-DMMKERNELS_CUDA_ARCHS=" + ",".join(archs))  # nvcc would split this at the comma
+    # The arch list goes to nvcc through our own flags; an empty TORCH_CUDA_ARCH_LIST would make
+    # torch probe for a GPU, which our build machines do not have.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs)
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", *gencode]
+    return CUDAExtension(
+        "mmkernels._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        define_macros=macros,
+        include_dirs=cuda_library_headers(),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    name="mmkernels",
+    version=VERSION,
+    packages=find_packages(include=["mmkernels", "mmkernels.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["mmkernels=mmkernels.cli:main"]},
+    python_requires=">=3.11",
+)
