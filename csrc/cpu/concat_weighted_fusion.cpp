@@ -16,25 +16,16 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec.h"
 #include "../fusion_weight_grad.h"
 
 namespace mmkernels {
 namespace {
 
+using cpu::axpy;
+using cpu::dot;
+
 constexpr int64_t kRowGrain = 64;
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  return at::vec::map2_reduce_all<T>([](Vec x, Vec y) { return x * y; },
-                                     [](Vec x, Vec y) { return x + y; }, a, b, n);
-}
-
-template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {  // y += alpha * x
-  using Vec = at::vec::Vectorized<T>;
-  at::vec::map2([alpha](Vec a, Vec b) { return b + Vec(alpha) * a; }, y, x, y, n);
-}
 
 // One row of a (rows, D) operand in the accumulation type: the row itself for fp32/fp64, a
 // converted copy in a per-thread buffer for fp16/bf16.

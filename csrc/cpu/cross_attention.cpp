@@ -18,9 +18,13 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec.h"
+#include "blas.h"
 
 namespace mmkernels {
 namespace {
+
+using cpu::dot;
 
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 512;
@@ -110,12 +114,44 @@ void probabilities_from_lse(acc_t* s, int64_t rows, int64_t n, const acc_t* lse)
   }
 }
 
-// A (rows x D) slab of q/k/v/out for one (batch, head), converted to the accumulation type.
-// For fp32/fp64 inputs this is a strided view, not a copy.
-at::Tensor slab(const at::Tensor& t, int64_t b, int64_t h, int64_t start, int64_t len,
-                at::ScalarType acc) {
-  return t.select(0, b).select(0, h).narrow(0, start, len).to(acc);
-}
+// One operand (q, k, v, out, grad_out) as rows of D values per (batch, head), any strides with a
+// contiguous last dim; offsets are 64-bit.
+template <typename scalar_t, typename acc_t>
+struct Rows {
+  scalar_t* base;
+  int64_t sb, sh, sl, D;
+
+  explicit Rows(const at::Tensor& t)
+      : base(static_cast<scalar_t*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), D(t.size(3)) {}
+
+  scalar_t* row(int64_t b, int64_t h, int64_t i) const { return base + b * sb + h * sh + i * sl; }
+
+  // len rows from `start` as a BLAS operand: the tensor itself for fp32/fp64 whose row stride
+  // is a valid leading dim, else a widened (and scaled) copy in buf. Returns (pointer, ld).
+  std::pair<const acc_t*, int64_t> tile(int64_t b, int64_t h, int64_t start, int64_t len, acc_t* buf,
+                                        acc_t scale = 1) const {
+    const int64_t ld = len <= 1 ? D : sl;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (scale == acc_t(1) && ld >= D) return {row(b, h, start), ld};
+    }
+    for (int64_t r = 0; r < len; ++r) {
+      const scalar_t* src = row(b, h, start + r);
+      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = scale * static_cast<acc_t>(src[d]);
+    }
+    return {buf, D};
+  }
+
+  void store(int64_t b, int64_t h, int64_t start, int64_t len, const acc_t* src, acc_t scale = 1) const {
+    for (int64_t r = 0; r < len; ++r) {
+      scalar_t* dst = row(b, h, start + r);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(scale * src[r * D + d]);
+    }
+  }
+
+  void zero(int64_t b, int64_t h, int64_t start, int64_t len) const {
+    for (int64_t r = start; r < start + len; ++r) std::fill(row(b, h, r), row(b, h, r) + D, scalar_t(0));
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -139,44 +175,43 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    const Rows<scalar_t, acc_t> Q(q), K(k), V(v), O(out);
+    acc_t* lse_p = lse.data_ptr<acc_t>();
     at::parallel_for(0, B * Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-      const auto acc_opts = q.options().dtype(acc);
-      at::Tensor s_buf = at::empty({kBlockQ * kBlockK}, acc_opts);
-      std::vector<acc_t> m(kBlockQ), l(kBlockQ);
+      std::vector<acc_t> q_buf(kBlockQ * D), k_buf(kBlockK * D), v_buf(kBlockK * D),
+          s(kBlockQ * kBlockK), o(kBlockQ * D), m(kBlockQ), l(kBlockQ);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / (Hq * q_blocks);
-        const int64_t h = (task / q_blocks) % Hq;
+        const int64_t h = (task / q_blocks) % Hq, hk = h / group;
         const int64_t i0 = (task % q_blocks) * kBlockQ;
         const int64_t rows = std::min(kBlockQ, Lq - i0);
         const int64_t valid = std::clamp<int64_t>(L.queries(b) - i0, 0, rows);
         const int64_t n_keys = L.keys(b);
-        at::Tensor out_tile = out.select(0, b).select(0, h).narrow(0, i0, rows);
-        acc_t* lse_tile = lse.data_ptr<acc_t>() + (b * Hq + h) * Lq + i0;
-        out_tile.narrow(0, valid, rows - valid).zero_();
+        acc_t* lse_tile = lse_p + (b * Hq + h) * Lq + i0;
+        O.zero(b, h, i0 + valid, rows - valid);
         std::fill(lse_tile + valid, lse_tile + rows, inf);
         if (valid == 0) continue;
 
-        const at::Tensor qs = slab(q, b, h, i0, valid, acc) * scale;
-        at::Tensor o = at::zeros({valid, D}, acc_opts);
+        const auto [qs, ldq] = Q.tile(b, h, i0, valid, q_buf.data(), static_cast<acc_t>(scale));
+        std::fill(o.begin(), o.begin() + valid * D, acc_t(0));
         std::fill(m.begin(), m.begin() + valid, -inf);
         std::fill(l.begin(), l.begin() + valid, acc_t(0));
         for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
           const int64_t n = std::min(kBlockK, n_keys - j0);
-          at::Tensor s = s_buf.narrow(0, 0, valid * n).view({valid, n});
-          at::mm_out(s, qs, slab(k, b, h / group, j0, n, acc).t());
-          apply_key_mask(L, b, j0, s.data_ptr<acc_t>(), valid, n);
-          online_softmax_step(s.data_ptr<acc_t>(), valid, n, o.data_ptr<acc_t>(), D, m.data(),
-                              l.data());
-          o.addmm_(s, slab(v, b, h / group, j0, n, acc));
+          const auto [kt, ldk] = K.tile(b, hk, j0, n, k_buf.data());
+          cpu::gemm<acc_t>(false, true, valid, n, D, 1, qs, ldq, kt, ldk, 0, s.data(), n);
+          apply_key_mask(L, b, j0, s.data(), valid, n);
+          online_softmax_step(s.data(), valid, n, o.data(), D, m.data(), l.data());
+          const auto [vt, ldv] = V.tile(b, hk, j0, n, v_buf.data());
+          cpu::gemm<acc_t>(false, false, valid, D, n, 1, s.data(), n, vt, ldv, 1, o.data(), D);
         }
-        acc_t* op = o.data_ptr<acc_t>();
         for (int64_t r = 0; r < valid; ++r) {
           const bool empty = l[r] == acc_t(0);
           const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
-          for (int64_t d = 0; d < D; ++d) op[r * D + d] *= inv;
+          for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
           lse_tile[r] = empty ? inf : m[r] + std::log(l[r]);
         }
-        out_tile.narrow(0, 0, valid).copy_(o);
+        O.store(b, h, i0, valid, o.data());
       }
     });
   });
@@ -208,57 +243,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
+    const Rows<scalar_t, acc_t> Q(q), K(k), V(v), O(out), dO(grad_out), dQ(grad_q), dK(grad_k), dV(grad_v);
+    const acc_t* lse_all = lse_c.data_ptr<acc_t>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      const auto acc_opts = q.options().dtype(acc);
-      at::Tensor s_buf = at::empty({kBlockQ * kBlockK}, acc_opts);
-      at::Tensor dp_buf = at::empty({kBlockQ * kBlockK}, acc_opts);
+      std::vector<acc_t> q_buf(kBlockQ * D), do_buf(kBlockQ * D), o_buf(kBlockQ * D), k_buf(kBlockK * D),
+          v_buf(kBlockK * D), p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ);
+      std::vector<acc_t> dk, dv;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / Hkv, hk = task % Hkv;
         const int64_t n_keys = L.keys(b), q_valid = L.queries(b);
-        at::Tensor dk = at::zeros({n_keys, D}, acc_opts);
-        at::Tensor dv = at::zeros({n_keys, D}, acc_opts);
+        dk.assign(n_keys * D, acc_t(0));
+        dv.assign(n_keys * D, acc_t(0));
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          at::Tensor gq = grad_q.select(0, b).select(0, h);
-          gq.narrow(0, q_valid, Lq - q_valid).zero_();
+          dQ.zero(b, h, q_valid, Lq - q_valid);
           for (int64_t i0 = 0; i0 < q_valid; i0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, q_valid - i0);
-            const at::Tensor qs = slab(q, b, h, i0, rows, acc) * scale;
-            const at::Tensor dout = slab(grad_out, b, h, i0, rows, acc);
-            // delta_i = rowsum(dO_i * O_i): the softmax-backward term, computed once per tile.
-            const at::Tensor delta = (dout * slab(out, b, h, i0, rows, acc)).sum(-1);
-            const acc_t* delta_p = delta.data_ptr<acc_t>();
-            const acc_t* lse_p = lse_c.data_ptr<acc_t>() + (b * Hq + h) * Lq + i0;
-            at::Tensor dq = at::zeros({rows, D}, acc_opts);
+            const auto [qs, ldq] = Q.tile(b, h, i0, rows, q_buf.data(), static_cast<acc_t>(scale));
+            const auto [dout, lddo] = dO.tile(b, h, i0, rows, do_buf.data());
+            const auto [o, ldo] = O.tile(b, h, i0, rows, o_buf.data());
+            // delta_i = rowsum(dO_i * O_i): the softmax-backward term, once per query tile.
+            for (int64_t r = 0; r < rows; ++r) delta[r] = dot(dout + r * lddo, o + r * ldo, D);
+            const acc_t* lse_p = lse_all + (b * Hq + h) * Lq + i0;
+            std::fill(dq.begin(), dq.begin() + rows * D, acc_t(0));
             for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
               const int64_t n = std::min(kBlockK, n_keys - j0);
-              const at::Tensor kt = slab(k, b, hk, j0, n, acc);
-              const at::Tensor vt = slab(v, b, hk, j0, n, acc);
-              at::Tensor p = s_buf.narrow(0, 0, rows * n).view({rows, n});
-              at::Tensor ds = dp_buf.narrow(0, 0, rows * n).view({rows, n});
-              at::mm_out(p, qs, kt.t());
-              apply_key_mask(L, b, j0, p.data_ptr<acc_t>(), rows, n);
-              probabilities_from_lse(p.data_ptr<acc_t>(), rows, n, lse_p);
-              dv.narrow(0, j0, n).addmm_(p.t(), dout);
-              at::mm_out(ds, dout, vt.t());
-              acc_t* dsp = ds.data_ptr<acc_t>();
-              const acc_t* pp = p.data_ptr<acc_t>();
+              const auto [kt, ldk] = K.tile(b, hk, j0, n, k_buf.data());
+              const auto [vt, ldv] = V.tile(b, hk, j0, n, v_buf.data());
+              cpu::gemm<acc_t>(false, true, rows, n, D, 1, qs, ldq, kt, ldk, 0, p.data(), n);
+              apply_key_mask(L, b, j0, p.data(), rows, n);
+              probabilities_from_lse(p.data(), rows, n, lse_p);
+              cpu::gemm<acc_t>(true, false, n, D, rows, 1, p.data(), n, dout, lddo, 1, dv.data() + j0 * D, D);
+              cpu::gemm<acc_t>(false, true, rows, n, D, 1, dout, lddo, vt, ldv, 0, ds.data(), n);
               for (int64_t r = 0; r < rows; ++r) {
-                for (int64_t j = 0; j < n; ++j) {
-                  dsp[r * n + j] = pp[r * n + j] * (dsp[r * n + j] - delta_p[r]);
-                }
+                acc_t* dsr = ds.data() + r * n;
+                const acc_t* pr = p.data() + r * n;
+                for (int64_t j = 0; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - delta[r]);
               }
-              dk.narrow(0, j0, n).addmm_(ds.t(), qs);
-              dq.addmm_(ds, kt);
+              cpu::gemm<acc_t>(true, false, n, D, rows, 1, ds.data(), n, qs, ldq, 1, dk.data() + j0 * D, D);
+              cpu::gemm<acc_t>(false, false, rows, D, n, 1, ds.data(), n, kt, ldk, 1, dq.data(), D);
             }
-            gq.narrow(0, i0, rows).copy_(dq.mul_(scale));
+            dQ.store(b, h, i0, rows, dq.data(), static_cast<acc_t>(scale));
           }
         }
-        at::Tensor gk = grad_k.select(0, b).select(0, hk);
-        at::Tensor gv = grad_v.select(0, b).select(0, hk);
-        gk.narrow(0, 0, n_keys).copy_(dk);
-        gv.narrow(0, 0, n_keys).copy_(dv);
-        gk.narrow(0, n_keys, Lk - n_keys).zero_();
-        gv.narrow(0, n_keys, Lk - n_keys).zero_();
+        dK.store(b, hk, 0, n_keys, dk.data());
+        dV.store(b, hk, 0, n_keys, dv.data());
+        dK.zero(b, hk, n_keys, Lk - n_keys);
+        dV.zero(b, hk, n_keys, Lk - n_keys);
       }
     });
   });
