@@ -28,7 +28,7 @@ ATTENTION_CASES = [Case(kv_lengths=True, key_padding_mask=True, q_lengths=True),
 FUSION_OP_CASES = [FusionCase(), FusionCase(values=(5, 7, 9), output="concat")]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_opcheck_cross_attention(backend, case):
     torch.library.opcheck(ops.cross_attention.default, attention_args(case, backend))
@@ -37,7 +37,7 @@ def test_opcheck_cross_attention(backend, case):
     torch.library.opcheck(ops.cross_attention_backward.default, [torch.randn_like(out), q, k, v, out, lse, kvl, kpm, ql, scale, backend])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 @pytest.mark.parametrize("case", FUSION_OP_CASES, ids=str)
 def test_opcheck_concat_weighted_fusion(backend, case):
     torch.library.opcheck(ops.concat_weighted_fusion.default, fusion_args(case, backend))

@@ -9,6 +9,7 @@ them raises BackendUnavailable with its reason and the backends that could.
 """
 import contextlib
 import contextvars
+import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -17,7 +18,7 @@ from typing import Callable
 from mmkernels.backends import native, reference
 from mmkernels.backends.base import Problem
 
-AUTO_ORDER = ("cuda", "cpu", "reference")
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "MMKERNELS_BACKEND"
 
 
@@ -32,8 +33,15 @@ class Backend:
     load: Callable[[], ModuleType]  # the module with the four kernels, imported on first use
 
 
+def _triton_why_not(p: Problem, explicit: bool) -> str | None:
+    from mmkernels.backends.triton import why_not
+
+    return why_not(p, explicit)
+
+
 BACKENDS = {
     "cuda": Backend("cuda", native.why_not_cuda, lambda: native),
+    "triton": Backend("triton", _triton_why_not, lambda: importlib.import_module("mmkernels.backends.triton.kernels")),
     "cpu": Backend("cpu", native.why_not_cpu, lambda: native),
     "reference": Backend("reference", lambda p, explicit: None, lambda: reference),
 }

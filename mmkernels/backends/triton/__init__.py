@@ -1,0 +1,34 @@
+"""The Triton backend. Importing this package does not import triton; `why_not` says whether
+it can run, and `kernels` (imported on first use) holds the four kernels.
+
+On CUDA tensors it runs compiled; on CPU tensors only under TRITON_INTERPRET=1 (set before
+triton is imported) and only when asked for by name: that is how CI tests it without a GPU."""
+import importlib.util
+import os
+
+import torch
+
+from mmkernels.backends.base import Problem
+
+HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128, 256)
+MAX_MODALITIES = 8
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def why_not(p: Problem, explicit: bool) -> str | None:
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    if p.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "runs on cpu tensors only under TRITON_INTERPRET=1"
+        if not explicit:
+            return "the interpreter on cpu is for tests; auto never picks it"
+    elif p.device.type != "cuda":
+        return f"runs on cuda tensors, got {p.device.type}"
+    if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"supports float16, bfloat16 and float32, got {p.dtype}"
+    if p.op == "cross_attention" and p.head_dim not in HEAD_DIMS:
+        return f"supports head dims {HEAD_DIMS}, got {p.head_dim}"
+    if p.op == "concat_weighted_fusion" and p.modalities > MAX_MODALITIES:
+        return f"supports at most {MAX_MODALITIES} modalities, got {p.modalities}"
+    return None
