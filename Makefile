@@ -29,6 +29,7 @@ $(EXT): $(DEPS) $(SOURCES)
 
 pytest: $(EXT)
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
 
 # The same C++ sources as a library against libtorch, with a C++ test run by ctest.
 ctest: $(DEPS)

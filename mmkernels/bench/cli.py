@@ -33,5 +33,8 @@ def run(args) -> int:
     tag = f"{device.type}-{str(dtype).removeprefix('torch.')}{'-full' if args.full else ''}"
     path = os.path.join(args.out, f"{tag}.csv")
     report.write_csv(path, [row for rs in results for row in report.csv_rows(rs, device, dtype)])
-    print(f"\nwrote {path}")
+    from mmkernels.bench.plots import plot
+
+    for written in [path, *plot(path, args.out)]:
+        print(f"wrote {written}")
     return 0

@@ -45,14 +45,16 @@ def _proc_status_kib(field: str) -> int:
 
 
 @functools.cache
-def _unmap_large_blocks_on_free() -> bool:
-    """glibc keeps freed blocks for reuse (and raises its mmap threshold as it goes), so the
-    resident set would hide a later peak. A fixed threshold maps every block of 64 KiB or more on
-    its own and unmaps it on free, so the resident set follows what is really live."""
+def _libc():
+    """glibc keeps freed blocks resident for reuse (and raises its mmap threshold as it goes), so
+    the resident set would hide a later peak. A fixed threshold maps every block of 64 KiB or more
+    on its own (unmapped on free), and malloc_trim before each measurement hands the pages of
+    free heap chunks back, so whatever the call allocates is faulted in and counted."""
     try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if libc.mallopt(-3, 64 * 1024) == 1 else None  # M_MMAP_THRESHOLD
     except OSError:
-        return False
+        return None
 
 
 def peak_memory_mib(fn, device: torch.device) -> float | None:
@@ -64,9 +66,11 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    if not _unmap_large_blocks_on_free():
+    libc = _libc()
+    if libc is None:
         return None
     try:
+        libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
         before = _proc_status_kib("VmRSS")

@@ -1,0 +1,26 @@
+"""One benchmark = one case x one provider: correctness is checked once against the eager
+composite before anything is timed (a fast wrong answer fails), then pytest-benchmark times it.
+Under --benchmark-disable (CI) each case runs once, as a smoke test."""
+import pytest
+import torch
+
+from mmkernels.bench.runner import TOLERANCE, _call
+
+
+def run(benchmark, case, provider_name, device, dtype, providers):
+    provs = providers(case, device, dtype, full=False)
+    if provider_name not in provs:
+        pytest.skip(f"{provider_name} does not run on {device.type} here")
+    inputs = case.inputs(device, dtype)
+    expected = provs["eager"](*inputs).float()
+    got = provs[provider_name](*inputs)
+    if got is None:
+        pytest.skip(f"{provider_name} does not take these inputs")
+    err = (got.float() - expected).abs().max().item() if got.numel() else 0.0
+    assert err <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), f"{provider_name}: max error {err:.3g}"
+    fn = _call(case, provs[provider_name], inputs, dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+    else:
+        benchmark(fn)
