@@ -9,6 +9,8 @@ from mmkernels import _C  # noqa: F401  (loads the operator schemas and the C++ 
 from mmkernels.backends import BackendUnavailable, available_backends, use_backend
 from mmkernels.info import info
 from mmkernels.ops import concat_weighted_fusion, cross_attention
+from mmkernels import nn  # noqa: E402
+from mmkernels.patch import PatchReport, patch, unpatch
 
 __version__ = _C.__version__
 
@@ -18,5 +20,9 @@ __all__ = [
     "concat_weighted_fusion",
     "cross_attention",
     "info",
+    "nn",
+    "patch",
+    "PatchReport",
+    "unpatch",
     "use_backend",
 ]

@@ -1,0 +1,6 @@
+"""Drop-in layers: parameters, then one call into mmkernels.ops."""
+from mmkernels.nn.concat_weighted_fusion import ConcatWeightedFusion
+from mmkernels.nn.cross_modal_attention import CrossModalAttention
+from mmkernels.nn.gated_cross_attention import GatedCrossAttention
+
+__all__ = ["ConcatWeightedFusion", "CrossModalAttention", "GatedCrossAttention"]

@@ -1,0 +1,170 @@
+"""CrossModalAttention: a drop-in nn.MultiheadAttention whose attention runs in mmkernels."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkernels.backends import reference
+from mmkernels.ops import cross_attention
+
+
+class CrossModalAttention(nn.Module):
+    """nn.MultiheadAttention's constructor, forward, return value and parameter names
+    (in_proj_weight, or q/k/v_proj_weight when kdim/vdim differ; in_proj_bias; out_proj), so a
+    state_dict loads unchanged and the outputs match.
+
+    The attention runs in mmkernels.cross_attention when it can: no attn_mask, no is_causal, a
+    bool key_padding_mask (True = ignore), and no dropout while training. Beyond that it falls
+    back to F.scaled_dot_product_attention with the merged masks, which is correct but not fused.
+    forward also takes kv_lengths (B,), the fast path for right-padded keys.
+    need_weights=True (nn.MultiheadAttention's default) still works: the weights are computed
+    by the reference path, which builds the (Lq, Lk) matrix; pass need_weights=False for speed.
+    When key is value, their projections run as one GEMM.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"CrossModalAttention: embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+        for name, value in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
+            if value:
+                raise ValueError(f"CrossModalAttention: {name}=True is not supported (it changes the keys); keep nn.MultiheadAttention for it")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self._reset_parameters()
+
+    def _reset_parameters(self):  # as nn.MultiheadAttention
+        for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention) -> "CrossModalAttention":
+        """A CrossModalAttention with mha's configuration and a copy of its weights."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"CrossModalAttention.from_module expects nn.MultiheadAttention, got {type(mha).__name__}")
+        w = mha.out_proj.weight
+        layer = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
+                    add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim,
+                    vdim=mha.vdim, batch_first=mha.batch_first, device=w.device, dtype=w.dtype)
+        layer.load_state_dict(mha.state_dict())
+        layer.train(mha.training)
+        return layer
+
+    def _weights(self):
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            return self.in_proj_weight[:E], self.in_proj_weight[E : 2 * E], self.in_proj_weight[2 * E :]
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _project(self, query, key, value):
+        E = self.embed_dim
+        wq, wk, wv = self._weights()
+        b = self.in_proj_bias
+        bq, bkv = (b[:E], b[E:]) if b is not None else (None, None)
+        q = F.linear(query, wq, bq)
+        if key is value and self.kdim == self.vdim:
+            w_kv = self.in_proj_weight[E:] if self._qkv_same_embed_dim else torch.cat([wk, wv])
+            k, v = F.linear(key, w_kv, bkv).chunk(2, dim=-1)
+        else:
+            k = F.linear(key, wk, bkv[:E] if bkv is not None else None)
+            v = F.linear(value, wv, bkv[E:] if bkv is not None else None)
+        return q, k, v
+
+    def _heads(self, x):
+        """(B, L, E) or (L, B, E) -> a (B, H, L, Dh) view, no copy."""
+        if self.batch_first:
+            B, L, _ = x.shape
+            return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        L, B, _ = x.shape
+        return x.view(L, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False, kv_lengths=None):
+        unbatched = query.dim() == 2
+        if unbatched:
+            dim = 0 if self.batch_first else 1
+            query, key, value = (t.unsqueeze(dim) for t in (query, key, value))
+            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"CrossModalAttention: query must be ({'B, L' if self.batch_first else 'L, B'}, {self.embed_dim}), got {tuple(query.shape)}")
+        for name, t, d in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.dim() != 3 or t.shape[-1] != d:
+                raise ValueError(f"CrossModalAttention: {name} must be 3-D with last dim {d}, got {tuple(t.shape)}")
+        q, k, v = (self._heads(t) for t in self._project(query, key, value))
+
+        dropout = self.dropout if self.training else 0.0
+        fused = attn_mask is None and not is_causal and dropout == 0.0 and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+        if fused:
+            out = cross_attention(q, k, v, kv_lengths=kv_lengths, key_padding_mask=key_padding_mask)
+        else:
+            mask = _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        B, _, Lq, _ = q.shape
+        merged = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
+        if not self.batch_first:
+            merged = merged.transpose(0, 1)
+        out = self.out_proj(merged)
+
+        weights = None
+        if need_weights:
+            weights = self._attention_weights(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average_attn_weights)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            weights = weights.squeeze(0) if weights is not None else None
+        return out, weights
+
+    def _attention_weights(self, q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average):
+        if attn_mask is None and not is_causal and (key_padding_mask is None or key_padding_mask.dtype == torch.bool):
+            probs, _ = reference.attention_probabilities(q, k, kv_lengths, key_padding_mask, None, self.head_dim ** -0.5)
+        else:
+            scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+            probs = torch.softmax(scores + _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal).float(), -1)
+        probs = probs.to(q.dtype)
+        return probs.mean(1) if average else probs
+
+
+def _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal):
+    """nn.MultiheadAttention's masks (bool True = not allowed, or float added to the scores)
+    merged into one float mask of shape (B, H, Lq, Lk) for the fallback path."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    mask = torch.zeros(B, H, Lq, Lk, dtype=q.dtype, device=q.device)
+
+    def add(m):
+        nonlocal mask
+        mask = mask.masked_fill(m, float("-inf")) if m.dtype == torch.bool else mask + m.to(q.dtype)
+
+    if key_padding_mask is not None:
+        add(key_padding_mask.view(B, 1, 1, Lk))
+    if kv_lengths is not None:
+        add((torch.arange(Lk, device=q.device) >= kv_lengths.view(B, 1)).view(B, 1, 1, Lk))
+    if attn_mask is not None:
+        add(attn_mask.view(B, H, Lq, Lk) if attn_mask.dim() == 3 else attn_mask)
+    elif is_causal:
+        add(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu(1))
+    return mask
