@@ -23,16 +23,20 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cases = (suites.cuda_cases if device.type == "cuda" else suites.cpu_cases)(args.full)
     cases = [c for c in cases if args.op in (None, c.op)]
+    from mmkernels.bench.measure import measured_peaks
+
+    peaks = measured_peaks(device.type, str(dtype).removeprefix("torch."))
     print(f"mmkernels bench on {report.device_name(device)}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"measured peaks (% peak below is of these): matmul {peaks['TFLOP/s']:.3f} TFLOP/s, copy {peaks['GB/s']:.1f} GB/s")
     results = []
     for case in tqdm(cases, desc="cases", unit="case"):
         case_results = run_case(case, device, dtype, args.full)
-        tqdm.write(report.format_case(case_results, dtype))
+        tqdm.write(report.format_case(case_results, dtype, peaks))
         results.append(case_results)
     os.makedirs(args.out, exist_ok=True)
     tag = f"{device.type}-{str(dtype).removeprefix('torch.')}{'-full' if args.full else ''}"
     path = os.path.join(args.out, f"{tag}.csv")
-    report.write_csv(path, [row for rs in results for row in report.csv_rows(rs, device, dtype)])
+    report.write_csv(path, [row for rs in results for row in report.csv_rows(rs, device, dtype, peaks)])
     from mmkernels.bench.plots import plot
 
     for written in [path, *plot(path, args.out)]:

@@ -78,3 +78,18 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
         return max(0, _proc_status_kib("VmHWM") - before) / 1024
     except OSError:
         return None
+
+
+@functools.cache
+def measured_peaks(device_type: str, dtype_name: str) -> dict:
+    """What this device really sustains, measured once per run: a large matmul (TFLOP/s) and a
+    device-to-device copy (GB/s, read + write). Fractions of these are honest on any machine,
+    where a datasheet peak would not be (our CPUs share cores; clocks vary)."""
+    device, dtype = torch.device(device_type), getattr(torch, dtype_name)
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    matmul_ms = time_ms(lambda: a @ a, device, min_run_time=0.3)
+    src = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, min_run_time=0.3)
+    return {"TFLOP/s": 2 * n**3 / (matmul_ms * 1e-3) / 1e12, "GB/s": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9}

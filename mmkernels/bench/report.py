@@ -32,13 +32,14 @@ def best_mmkernels(results):
     return min(timed, key=lambda r: r.time_ms) if timed else None
 
 
-def format_case(results, dtype):
+def format_case(results, dtype, peaks):
     case = results[0].case
     unit = "TFLOP/s" if case.op == "cross_attention" else "GB/s"
+    peak = peaks[unit]
     ours = best_mmkernels(results)
     what = "peak memory (one call)" if case.memory_only else "median time"
     lines = [f"\n{case.op} {case.mode} {case.shape} {dtype} lengths={results[0].lengths}  [{what}]"]
-    lines.append(f"  {'provider':<18}{'ms':>10}{unit:>10}{'peak MiB':>10}  mmkernels speed-up / memory ratio")
+    lines.append(f"  {'provider':<18}{'ms':>10}{unit:>10}{'% peak':>8}{'peak MiB':>10}  mmkernels speed-up / memory ratio")
     for r in results:
         if r.time_ms is None:
             lines.append(f"  {r.provider:<18}{r.note}")
@@ -48,14 +49,14 @@ def format_case(results, dtype):
             ratio = f"{r.time_ms / ours.time_ms:6.2f}x faster"
             if r.peak_mib and ours.peak_mib is not None:
                 ratio += f"   memory {ours.peak_mib / r.peak_mib:6.1%} of this"
-        lines.append(f"  {r.provider:<18}{r.time_ms:>10.3f}{r.throughput:>10.2f}{(r.peak_mib or 0):>10.1f}  {ratio}")
+        lines.append(f"  {r.provider:<18}{r.time_ms:>10.3f}{r.throughput:>10.2f}{r.throughput / peak:>8.0%}{(r.peak_mib or 0):>10.1f}  {ratio}")
     return "\n".join(lines)
 
 
-FIELDS = ["device", "dtype", "op", "mode", "shape", "lengths", "provider", "time_ms", "throughput", "throughput_unit", "peak_mib", "note", "commit", "date", "torch", "triton"]
+FIELDS = ["device", "dtype", "op", "mode", "shape", "lengths", "provider", "time_ms", "throughput", "throughput_unit", "fraction_of_peak", "peak_mib", "note", "commit", "date", "torch", "triton"]
 
 
-def csv_rows(results, device, dtype):
+def csv_rows(results, device, dtype, peaks):
     try:
         import triton
 
@@ -67,6 +68,7 @@ def csv_rows(results, device, dtype):
         yield dict(base, op=r.case.op, mode=r.case.mode, shape=r.case.shape, lengths=r.lengths, provider=r.provider,
                    time_ms=f"{r.time_ms:.4f}" if r.time_ms else "", throughput=f"{r.throughput:.3f}" if r.throughput else "",
                    throughput_unit="TFLOP/s" if r.case.op == "cross_attention" else "GB/s",
+                   fraction_of_peak=f"{r.throughput / peaks['TFLOP/s' if r.case.op == 'cross_attention' else 'GB/s']:.3f}" if r.throughput else "",
                    peak_mib=f"{r.peak_mib:.1f}" if r.peak_mib is not None else "", note=r.note)
 
 
