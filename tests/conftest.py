@@ -11,3 +11,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="the long property-test profile (many more examples)")
+
+
+def pytest_configure(config):
+    if config.getoption("--slow"):
+        os.environ["MMKERNELS_HYPOTHESIS_PROFILE"] = "slow"

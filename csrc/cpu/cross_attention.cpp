@@ -97,7 +97,8 @@ void online_softmax_step(acc_t* s, int64_t rows, int64_t n, acc_t* o, int64_t D,
     acc_t* sr = s + r * n;
     const acc_t tile_max = at::vec::reduce_all<acc_t>(
         [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, sr, n);
-    const acc_t m_new = std::max(m[r], tile_max);
+    // std::max would drop a NaN max and make the row look empty (a silent 0): NaN must win.
+    const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(m[r], tile_max);
     if (m_new == neg_inf) {  // every key so far is ignored: contributes nothing
       std::fill(sr, sr + n, acc_t(0));
       continue;
