@@ -1,9 +1,9 @@
 """concat_weighted_fusion: the public function, the operator's router, its fake and its autograd."""
 import torch
 
-from mmkernels.backends import choose, kernels
 from mmkernels.backends.base import Problem, acc_dtype
 from mmkernels.ops._checks import check_float, check_last_dim_contiguous, check_like, fail
+from mmkernels.ops._register import register_op
 
 OUTPUTS = ("sum", "concat")
 
@@ -67,20 +67,8 @@ def _as_rows(name, t):
              f"{tuple(t.shape)} with strides {tuple(t.stride())}; call .contiguous() on it first")
 
 
-def _problem(features):
+def _problem(features, *rest):
     return Problem.of("concat_weighted_fusion", features[0], modalities=len(features))
-
-
-@torch.library.register_kernel("mmkernels::concat_weighted_fusion", None)
-def _forward(features, weight, bias, values, concat, backend):
-    return kernels(choose(_problem(features), backend)).concat_weighted_fusion(features, weight, bias, values, concat)
-
-
-@torch.library.register_kernel("mmkernels::concat_weighted_fusion_backward", None)
-def _backward(grad_out, features, weight, values, gate, concat, backend):
-    return kernels(choose(_problem(features), backend)).concat_weighted_fusion_backward(
-        grad_out, features, weight, values, gate, concat
-    )
 
 
 def _fake_forward(features, weight, bias, values, concat, *rest):
@@ -97,11 +85,6 @@ def _fake_backward(grad_out, features, weight, values, gate, concat, *rest):
         weight.new_empty(weight.shape[0]),
         [v.new_empty(v.shape) for v in values],
     )
-
-
-for _prefix in ("", "native_"):
-    torch.library.register_fake(f"mmkernels::{_prefix}concat_weighted_fusion", _fake_forward)
-    torch.library.register_fake(f"mmkernels::{_prefix}concat_weighted_fusion_backward", _fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -121,6 +104,5 @@ def _autograd_backward(ctx, grad_out, grad_gate):
     return grad_features, grad_weight, grad_bias if ctx.has_bias else None, grad_values, None, None
 
 
-torch.library.register_autograd(
-    "mmkernels::concat_weighted_fusion", _autograd_backward, setup_context=_setup_context
-)
+register_op("concat_weighted_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+            setup_context=_setup_context, backward=_autograd_backward)

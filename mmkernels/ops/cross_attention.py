@@ -1,8 +1,8 @@
 """cross_attention: the public function, the operator's router, its fake and its autograd."""
 import torch
 
-from mmkernels.backends import choose, kernels
 from mmkernels.backends.base import Problem, acc_dtype
+from mmkernels.ops._register import register_op
 from mmkernels.ops._checks import (
     check_float,
     check_index,
@@ -63,24 +63,13 @@ def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths):
             fail(f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
 
 
-def _problem(q):
+def _problem(q, *rest):
     return Problem.of("cross_attention", q, head_dim=q.shape[-1])
 
 
-@torch.library.register_kernel("mmkernels::cross_attention", None)
-def _forward(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale, backend):
+def _check_values(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
     check_index_values("kv_lengths", kv_lengths, k.shape[2])
     check_index_values("q_lengths", q_lengths, q.shape[2])
-    name = choose(_problem(q), backend)
-    return kernels(name).cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale)
-
-
-@torch.library.register_kernel("mmkernels::cross_attention_backward", None)
-def _backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale, backend):
-    name = choose(_problem(q), backend)
-    return kernels(name).cross_attention_backward(
-        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale
-    )
 
 
 def _fake_forward(q, k, v, *rest):
@@ -89,11 +78,6 @@ def _fake_forward(q, k, v, *rest):
 
 def _fake_backward(grad_out, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-for _prefix in ("", "native_"):
-    torch.library.register_fake(f"mmkernels::{_prefix}cross_attention", _fake_forward)
-    torch.library.register_fake(f"mmkernels::{_prefix}cross_attention_backward", _fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -113,4 +97,5 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None
 
 
-torch.library.register_autograd("mmkernels::cross_attention", _autograd_backward, setup_context=_setup_context)
+register_op("cross_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
+            setup_context=_setup_context, backward=_autograd_backward)
