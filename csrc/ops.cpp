@@ -9,7 +9,9 @@
 // cross_attention returns the fp32 (fp64 for fp64 inputs) log-sum-exp of each query row for the
 // backward; it is +inf for rows that see no key and for padded query rows. concat_weighted_fusion
 // works on (rows, D_m) views and returns the (rows, M) modality weights for the backward; an empty
-// `values` list means the features are the values.
+// `values` list means the features are the values. decision_fusion works on (rows, C) views and
+// takes weights already normalised to sum 1 (acc dtype). linear_fusion's activation is an index
+// into mmkernels/ops/linear_fusion.py ACTIVATIONS; it returns the pre-activation for the backward.
 #include <torch/library.h>
 
 #define MMKERNELS_CROSS_ATTENTION_ARGS \
@@ -21,9 +23,19 @@
 #define MMKERNELS_FUSION_BACKWARD_ARGS \
   "Tensor grad_out, Tensor[] features, Tensor weight, Tensor[] values, Tensor gate, bool concat"
 
+#define MMKERNELS_DECISION_FUSION_ARGS "Tensor[] logits, Tensor weights, bool prob"
+#define MMKERNELS_DECISION_FUSION_BACKWARD_ARGS "Tensor grad_out, Tensor[] logits, Tensor weights, bool prob"
+#define MMKERNELS_LINEAR_FUSION_ARGS "Tensor[] features, Tensor[] weights, Tensor? bias, int activation"
+#define MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS \
+  "Tensor grad_out, Tensor[] features, Tensor[] weights, Tensor pre, int activation"
+
 #define MMKERNELS_CROSS_ATTENTION_RET " -> (Tensor out, Tensor lse)"
 #define MMKERNELS_CROSS_ATTENTION_BACKWARD_RET " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
 #define MMKERNELS_FUSION_RET " -> (Tensor out, Tensor gate)"
+#define MMKERNELS_DECISION_FUSION_RET " -> Tensor"
+#define MMKERNELS_DECISION_FUSION_BACKWARD_RET " -> (Tensor[] grad_logits, Tensor grad_weights)"
+#define MMKERNELS_LINEAR_FUSION_RET " -> (Tensor out, Tensor pre)"
+#define MMKERNELS_LINEAR_FUSION_BACKWARD_RET " -> (Tensor[] grad_features, Tensor[] grad_weights, Tensor grad_bias)"
 #define MMKERNELS_FUSION_BACKWARD_RET \
   " -> (Tensor[] grad_features, Tensor grad_weight, Tensor grad_bias, Tensor[] grad_values)"
 
@@ -35,10 +47,23 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("concat_weighted_fusion_backward(" MMKERNELS_FUSION_BACKWARD_ARGS
         ", str backend)" MMKERNELS_FUSION_BACKWARD_RET);
 
+  m.def("decision_fusion(" MMKERNELS_DECISION_FUSION_ARGS ", str backend)" MMKERNELS_DECISION_FUSION_RET);
+  m.def("decision_fusion_backward(" MMKERNELS_DECISION_FUSION_BACKWARD_ARGS
+        ", str backend)" MMKERNELS_DECISION_FUSION_BACKWARD_RET);
+  m.def("linear_fusion(" MMKERNELS_LINEAR_FUSION_ARGS ", str backend)" MMKERNELS_LINEAR_FUSION_RET);
+  m.def("linear_fusion_backward(" MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS
+        ", str backend)" MMKERNELS_LINEAR_FUSION_BACKWARD_RET);
+
   m.def("native_cross_attention(" MMKERNELS_CROSS_ATTENTION_ARGS ")" MMKERNELS_CROSS_ATTENTION_RET);
   m.def("native_cross_attention_backward(" MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS
         ")" MMKERNELS_CROSS_ATTENTION_BACKWARD_RET);
   m.def("native_concat_weighted_fusion(" MMKERNELS_FUSION_ARGS ")" MMKERNELS_FUSION_RET);
   m.def("native_concat_weighted_fusion_backward(" MMKERNELS_FUSION_BACKWARD_ARGS
         ")" MMKERNELS_FUSION_BACKWARD_RET);
+  m.def("native_decision_fusion(" MMKERNELS_DECISION_FUSION_ARGS ")" MMKERNELS_DECISION_FUSION_RET);
+  m.def("native_decision_fusion_backward(" MMKERNELS_DECISION_FUSION_BACKWARD_ARGS
+        ")" MMKERNELS_DECISION_FUSION_BACKWARD_RET);
+  m.def("native_linear_fusion(" MMKERNELS_LINEAR_FUSION_ARGS ")" MMKERNELS_LINEAR_FUSION_RET);
+  m.def("native_linear_fusion_backward(" MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS
+        ")" MMKERNELS_LINEAR_FUSION_BACKWARD_RET);
 }

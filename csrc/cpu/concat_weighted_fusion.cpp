@@ -24,27 +24,10 @@ namespace {
 
 using cpu::axpy;
 using cpu::dot;
+using cpu::load_row;
+using cpu::store_row;
 
 constexpr int64_t kRowGrain = 64;
-
-// One row of a (rows, D) operand in the accumulation type: the row itself for fp32/fp64, a
-// converted copy in a per-thread buffer for fp16/bf16.
-template <typename scalar_t, typename acc_t>
-const acc_t* load_row(const at::Tensor& t, int64_t r, acc_t* buf) {
-  const scalar_t* src = t.const_data_ptr<scalar_t>() + r * t.stride(0);
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < t.size(1); ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void store_row(const acc_t* src, const at::Tensor& t, int64_t r, int64_t col0, int64_t n) {
-  scalar_t* dst = t.data_ptr<scalar_t>() + r * t.stride(0) + col0;
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
 
 struct Layout {
   int64_t M = 0, rows = 0;

@@ -25,6 +25,7 @@ namespace mmkernels {
 namespace {
 
 using cpu::dot;
+using cpu::exp_and_sum;
 
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
@@ -69,22 +70,6 @@ void apply_key_mask(const Lengths& L, int64_t b, int64_t j0, acc_t* s, int64_t r
 
 // exp_u20 is the fast vectorised exp (about 20 ulp) that PyTorch's own CPU flash attention uses;
 // the error is far below what the fp32 tolerance of the tests allows.
-
-// x = exp(x - shift) in place, returning the sum: one pass over the tile.
-template <typename acc_t>
-acc_t exp_and_sum(acc_t* x, int64_t n, acc_t shift) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec sum(0);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = (Vec::loadu(x + j) - Vec(shift)).exp_u20();
-    e.store(x + j);
-    sum = sum + e;
-  }
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum);
-  for (; j < n; ++j) total += (x[j] = std::exp(x[j] - shift));
-  return total;
-}
 
 // Online-softmax step for one score tile: rescales the running output o, turns s into
 // probabilities relative to the new running max, and updates the running max m and sum l.

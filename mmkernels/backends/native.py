@@ -22,11 +22,11 @@ def why_not_cuda(p: Problem, explicit: bool) -> str | None:
         return "this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"
     if p.device.type != "cuda":
         return f"runs on cuda tensors, got {p.device.type}"
-    if p.op == "cross_attention":
-        return "no CUDA C++ cross_attention kernel in this version (the triton backend covers CUDA)"
-    if p.dtype == torch.float64:
+    if p.op in ("cross_attention", "decision_fusion"):
+        return f"no CUDA C++ {p.op} kernel in this version (the triton backend covers CUDA)"
+    if p.op == "concat_weighted_fusion" and p.dtype == torch.float64:
         return "accumulates in fp32, so float64 is left to the reference backend"
-    if p.modalities > CUDA_MAX_MODALITIES:
+    if p.op == "concat_weighted_fusion" and p.modalities > CUDA_MAX_MODALITIES:
         return f"supports at most {CUDA_MAX_MODALITIES} modalities, got {p.modalities}"
     return None
 
@@ -47,3 +47,19 @@ def concat_weighted_fusion(features, weight, bias, values, concat):
 
 def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat):
     return _native.native_concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat)
+
+
+def decision_fusion(logits, weights, prob):
+    return _native.native_decision_fusion(logits, weights, prob)
+
+
+def decision_fusion_backward(grad_out, logits, weights, prob):
+    return _native.native_decision_fusion_backward(grad_out, logits, weights, prob)
+
+
+def linear_fusion(features, weights, bias, activation):
+    return _native.native_linear_fusion(features, weights, bias, activation)
+
+
+def linear_fusion_backward(grad_out, features, weights, pre, activation):
+    return _native.native_linear_fusion_backward(grad_out, features, weights, pre, activation)

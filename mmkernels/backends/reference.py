@@ -109,3 +109,44 @@ def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, co
         dlogits.sum(0).to(weight.dtype),
         [fresh(v, g) for g, v in zip(grad_values, values)] if values else [],
     )
+
+
+def decision_fusion(logits, weights, prob):
+    acc = weights.dtype
+    probs = [torch.softmax(t.to(acc), -1) if prob else t.to(acc) for t in logits]
+    return sum(w * p for w, p in zip(weights, probs)).to(logits[0].dtype)
+
+
+def decision_fusion_backward(grad_out, logits, weights, prob):
+    """With p_m the probabilities (or the logits): d logits_m = w_m p_m (g - <g, p_m>) for
+    softmax (w_m g for logits), and d w_m = sum <g, p_m>."""
+    acc = weights.dtype
+    g = grad_out.to(acc)
+    grads, grad_weights = [], []
+    for w, t in zip(weights, logits):
+        p = torch.softmax(t.to(acc), -1) if prob else t.to(acc)
+        gp = (g * p).sum(-1, keepdim=True)
+        grad_weights.append(gp.sum())
+        grads.append(torch.empty_like(t).copy_(w * (p * (g - gp) if prob else g)))
+    return grads, torch.stack(grad_weights)
+
+
+_ACTIVATIONS = (lambda x: x, torch.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.tanh, torch.sigmoid)
+
+
+def linear_fusion(features, weights, bias, activation):
+    pre = sum(f @ w.T for f, w in zip(features, weights))
+    if bias is not None:
+        pre = pre + bias
+    out = _ACTIVATIONS[activation](pre)
+    return (out, pre.new_empty(0)) if activation == 0 else (out, pre)
+
+
+def linear_fusion_backward(grad_out, features, weights, pre, activation):
+    if activation == 0:
+        g = grad_out
+    else:
+        with torch.enable_grad():
+            x = pre.detach().requires_grad_()
+            (g,) = torch.autograd.grad(_ACTIVATIONS[activation](x), x, grad_out)
+    return [g @ w for w in weights], [g.T @ f for f in features], g.sum(0)

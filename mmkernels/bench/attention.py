@@ -36,6 +36,11 @@ class AttentionCase:
             lengths = torch.randint(self.Lk // 4, self.Lk + 1, (self.B,), generator=g).to(device)
         return q, k, v, lengths
 
+    def differentiable(self, inputs):
+        q, k, v, lengths = inputs
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return leaves, (*leaves, lengths)
+
     def flops(self, lengths) -> float:
         """Counting only the real (unpadded) keys; backward is 2.5x the forward's matmuls."""
         keys = float(lengths.sum()) if lengths is not None else self.B * self.Lk

@@ -29,6 +29,11 @@ class FusionCase:
         bias = torch.zeros(self.M).to(device, dtype)
         return features, weight, bias
 
+    def differentiable(self, inputs):
+        features, weight, bias = inputs
+        leaves = [t.detach().requires_grad_() for t in (*features, weight, bias)]
+        return leaves, (leaves[:-2], leaves[-2], leaves[-1])
+
     def bytes_moved(self, dtype) -> float:
         """Forward: every feature read once, the output written once (the backward roughly 3x)."""
         size = torch.finfo(dtype).bits // 8

@@ -4,7 +4,9 @@ import dataclasses
 
 import torch
 
-from mmkernels.bench import attention, fusion
+from mmkernels.bench import attention, family, fusion
+
+MODULES = {"cross_attention": attention, "concat_weighted_fusion": fusion, "decision_fusion": family, "linear_fusion": family}
 from mmkernels.bench.measure import peak_memory_mib, time_ms
 
 TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-8, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -21,22 +23,12 @@ class Result:
     note: str = ""  # why there is no time: "n/a: ..." or "WRONG: ..."
 
 
-def _module(case):
-    return attention if case.op == "cross_attention" else fusion
-
-
 def _call(case, provider, inputs, dtype):
-    """A zero-argument callable for the case's mode, and the leaves it differentiates."""
+    """A zero-argument callable for the case's mode; fwd+bwd differentiates the leaves the
+    case names."""
     if case.mode == "fwd":
         return lambda: provider(*inputs)
-    if case.op == "cross_attention":
-        q, k, v, lengths = inputs
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        args = (*leaves, lengths)
-    else:
-        features, weight, bias = inputs
-        leaves = [t.detach().requires_grad_() for t in (*features, weight, bias)]
-        args = (leaves[:-2], leaves[-2], leaves[-1])
+    leaves, args = case.differentiable(inputs)
     grad = torch.randn_like(provider(*inputs))
     return lambda: torch.autograd.grad(provider(*args), leaves, grad)
 
@@ -45,7 +37,7 @@ def run_case(case, device, dtype, full=False):
     inputs = case.inputs(device, dtype)
     lengths = inputs[3] if case.op == "cross_attention" else None
     label = case.lengths_label(lengths) if case.op == "cross_attention" else "-"
-    provs = _module(case).providers(case, device, dtype, full)
+    provs = MODULES[case.op].providers(case, device, dtype, full)
     oracle = None if case.memory_only else next(iter(provs.values()))(*inputs).float()
     results = []
     for name, provider in provs.items():

@@ -1,5 +1,6 @@
 """The curated sweeps: what `mmkernels bench` runs for the device it finds."""
 from mmkernels.bench.attention import AttentionCase
+from mmkernels.bench.family import DecisionCase, LinearCase
 from mmkernels.bench.fusion import FusionCase
 
 
@@ -12,6 +13,10 @@ def cpu_cases(full: bool):
         AttentionCase(1, 8, 4096, 4096, 64, padded=False, mode="fwd+bwd", memory_only=True),
         FusionCase(3, 65536, 768, mode="fwd"),
         FusionCase(3, 65536, 768, mode="fwd+bwd"),
+        # The fusion family's CPU targets.
+        LinearCase(3, 16384, 256, 512, mode="fwd+bwd"),
+        DecisionCase(3, 16384, 1000, mode="fwd"),
+        DecisionCase(3, 16384, 1000, mode="fwd+bwd"),
     ]
     # Sweeps for the plots: speed-up and memory against key length.
     for Lk in (256, 512, 2048) + ((4096,) if full else ()):
@@ -37,6 +42,8 @@ def cuda_cases(full: bool):
         AttentionCase(8, 16, 512, 4096, 128, padded=True, mode="fwd+bwd"),
         FusionCase(3, 262144, 1024, mode="fwd"),
         FusionCase(3, 262144, 1024, mode="fwd+bwd"),
+        LinearCase(3, 65536, 1024, 1024, mode="fwd+bwd"),
+        DecisionCase(3, 65536, 1000, mode="fwd"),
     ]
     for Lk in (256, 1024, 2048) + ((8192,) if full else ()):
         cases.append(AttentionCase(8, 16, 512, Lk, 128, padded=True, mode="fwd"))

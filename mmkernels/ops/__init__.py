@@ -1,5 +1,7 @@
 """The public functional API: validation, then one torch.ops.mmkernels call."""
 from mmkernels.ops.concat_weighted_fusion import concat_weighted_fusion
 from mmkernels.ops.cross_attention import cross_attention
+from mmkernels.ops.decision_fusion import decision_fusion
+from mmkernels.ops.linear_fusion import linear_fusion
 
-__all__ = ["cross_attention", "concat_weighted_fusion"]
+__all__ = ["cross_attention", "concat_weighted_fusion", "decision_fusion", "linear_fusion"]

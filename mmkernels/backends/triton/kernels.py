@@ -1,3 +1,4 @@
-"""The triton backend's four kernels."""
+"""The triton backend's kernels, by op name."""
 from mmkernels.backends.triton.attention import cross_attention, cross_attention_backward  # noqa: F401
+from mmkernels.backends.triton.decision import decision_fusion, decision_fusion_backward  # noqa: F401
 from mmkernels.backends.triton.fusion import concat_weighted_fusion, concat_weighted_fusion_backward  # noqa: F401

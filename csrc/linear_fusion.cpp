@@ -1,0 +1,76 @@
+// Linear fusion, device-generic (it lives beside ops.cpp, not in cpu/): act(sum_m features_m @ weights_m^T + bias) as one accumulation
+// of GEMMs over the virtual concatenation (never built), bias in the accumulator, activation
+// applied once. The backward never builds the concatenation either. Registered for CPU; the same
+// code serves CUDA tensors through cuBLAS until a fused epilogue kernel exists.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace mmkernels {
+namespace {
+
+// The order of mmkernels/ops/linear_fusion.py ACTIVATIONS.
+enum Activation : int64_t { kNone = 0, kRelu, kGelu, kSilu, kTanh, kSigmoid };
+
+at::Tensor activate(const at::Tensor& pre, int64_t activation) {
+  switch (activation) {
+    case kNone: return pre;
+    case kRelu: return at::relu(pre);
+    case kGelu: return at::gelu(pre);
+    case kSilu: return at::silu(pre);
+    case kTanh: return at::tanh(pre);
+    case kSigmoid: return at::sigmoid(pre);
+  }
+  TORCH_CHECK(false, "linear_fusion: activation index must be in [0, 5], got ", activation);
+}
+
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, int64_t activation) {
+  switch (activation) {
+    case kNone: return grad;
+    case kRelu: return grad * (pre > 0);
+    case kGelu: return at::gelu_backward(grad, pre);
+    case kSilu: return at::silu_backward(grad, pre);
+    case kTanh: return at::tanh_backward(grad, at::tanh(pre));
+    case kSigmoid: return at::sigmoid_backward(grad, at::sigmoid(pre));
+  }
+  TORCH_CHECK(false, "linear_fusion: activation index must be in [0, 5], got ", activation);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_fusion_native(at::TensorList features, at::TensorList weights,
+                                                        const c10::optional<at::Tensor>& bias, int64_t activation) {
+  const int64_t rows = features[0].size(0), out_dim = weights[0].size(0);
+  at::Tensor pre = bias.has_value() ? bias->expand({rows, out_dim}).contiguous()
+                                    : at::zeros({rows, out_dim}, features[0].options());
+  for (size_t m = 0; m < features.size(); ++m) pre.addmm_(features[m], weights[m].t());
+  // Without an activation the output is the pre-activation; the backward does not need it.
+  if (activation == kNone) return {pre, at::empty({0}, pre.options())};
+  return {activate(pre, activation), pre};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> linear_fusion_backward_native(
+    const at::Tensor& grad_out, at::TensorList features, at::TensorList weights, const at::Tensor& pre,
+    int64_t activation) {
+  const at::Tensor g = activation_backward(grad_out, pre, activation);
+  std::vector<at::Tensor> grad_features, grad_weights;
+  for (size_t m = 0; m < features.size(); ++m) {
+    grad_features.push_back(at::mm(g, weights[m]));
+    grad_weights.push_back(at::mm(g.t(), features[m]));
+  }
+  return {grad_features, grad_weights, g.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("native_linear_fusion", &linear_fusion_native);
+  m.impl("native_linear_fusion_backward", &linear_fusion_backward_native);
+}
+
+TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
+  m.impl("native_linear_fusion", &linear_fusion_native);
+  m.impl("native_linear_fusion_backward", &linear_fusion_backward_native);
+}
+
+}  // namespace mmkernels

@@ -1,0 +1,75 @@
+"""decision_fusion: late fusion of per-modality predictions."""
+import torch
+
+from mmkernels.backends.base import Problem, acc_dtype
+from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._register import register_op
+from mmkernels.ops.concat_weighted_fusion import _as_rows
+
+MODES = ("prob", "logit")
+
+
+def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
+    """Weighted mean of M per-modality predictions, each (..., C).
+
+    weights (M,) >= 0 are normalised to sum 1 (uniform when None) and get a gradient.
+    mode="prob": sum_m w_m softmax(logits_m) (fused, numerically stable, one pass);
+    mode="logit": sum_m w_m logits_m. Returns (..., C) in the logits' dtype.
+    """
+    if not isinstance(logits, (list, tuple)) or len(logits) == 0:
+        fail(f"logits must be a non-empty list of tensors, got {type(logits).__name__}")
+    check_float("logits[0]", logits[0])
+    shape = tuple(logits[0].shape)
+    for i, t in enumerate(logits):
+        check_like(f"logits[{i}]", t, "logits[0]", logits[0])
+        if tuple(t.shape) != shape:
+            fail(f"logits[{i}] must have the shape {shape} of logits[0], got {tuple(t.shape)}")
+    if len(shape) == 0:
+        fail("logits[0] must have a class dim (..., C), got a scalar")
+    if mode not in MODES:
+        fail(f"mode must be 'prob' or 'logit', got {mode!r}")
+    M, acc = len(logits), acc_dtype(logits[0].dtype)
+    if weights is None:
+        w = torch.full((M,), 1.0 / M, dtype=acc, device=logits[0].device)
+    else:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or weights.device != logits[0].device:
+            got = f"{weights.dtype} on {weights.device}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+            fail(f"weights must be a float tensor on the logits' device ({logits[0].device}), got {got}")
+        if tuple(weights.shape) != (M,):
+            fail(f"weights must have shape ({M},), one per modality, got {tuple(weights.shape)}")
+        if not torch.compiler.is_compiling() and (bool((weights < 0).any()) or not bool(weights.sum() > 0)):
+            fail(f"weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        w = weights.to(acc) / weights.to(acc).sum()
+    rows = [_as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
+    out = torch.ops.mmkernels.decision_fusion(rows, w, mode == "prob", backend or "")
+    return out.view(shape)
+
+
+def _problem(logits, *rest):
+    return Problem.of("decision_fusion", logits[0], modalities=len(logits))
+
+
+def _fake_forward(logits, weights, prob, *rest):
+    return logits[0].new_empty(logits[0].shape)
+
+
+def _fake_backward(grad_out, logits, weights, prob, *rest):
+    return [t.new_empty(t.shape) for t in logits], weights.new_empty(weights.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, weights, prob, backend = inputs
+    ctx.save_for_backward(weights, *logits)
+    ctx.prob, ctx.backend = prob, backend
+
+
+def _autograd_backward(ctx, grad_out):
+    weights, *logits = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_logits, grad_weights = torch.ops.mmkernels.decision_fusion_backward(grad_out, logits, weights, ctx.prob, ctx.backend)
+    return grad_logits, grad_weights, None, None
+
+
+register_op("decision_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+            setup_context=_setup_context, backward=_autograd_backward)

@@ -1,0 +1,76 @@
+"""linear_fusion: one linear layer over the (virtual) concatenation of the modalities."""
+import torch
+
+from mmkernels.backends.base import Problem
+from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._register import register_op
+from mmkernels.ops.concat_weighted_fusion import _as_rows
+
+ACTIVATIONS = (None, "relu", "gelu", "silu", "tanh", "sigmoid")  # indices shared with csrc/linear_fusion.cpp
+
+
+def linear_fusion(features, weights, bias=None, *, activation=None, backend=None):
+    """act(sum_m features[m] @ weights[m].T + bias) without building concat(features).
+
+    features: M tensors (..., D_m) with the same leading dims; weights: M tensors (N, D_m);
+    bias: (N,); activation: None, "relu", "gelu", "silu", "tanh" or "sigmoid". Equal to
+    act(F.linear(torch.cat(features, -1), torch.cat(weights, 1), bias)). Returns (..., N).
+    """
+    for name, ts in (("features", features), ("weights", weights)):
+        if not isinstance(ts, (list, tuple)) or len(ts) == 0:
+            fail(f"{name} must be a non-empty list of tensors, got {type(ts).__name__}")
+    if len(weights) != len(features):
+        fail(f"weights must have one tensor per feature ({len(features)}), got {len(weights)}")
+    check_float("features[0]", features[0])
+    lead, N = tuple(features[0].shape[:-1]), weights[0].shape[0] if weights[0].dim() == 2 else -1
+    for i, (f, w) in enumerate(zip(features, weights)):
+        check_like(f"features[{i}]", f, "features[0]", features[0])
+        check_like(f"weights[{i}]", w, "features[0]", features[0])
+        if tuple(f.shape[:-1]) != lead:
+            fail(f"features[{i}] must have the leading dims {lead} of features[0], got shape {tuple(f.shape)}")
+        if tuple(w.shape) != (N, f.shape[-1]):
+            fail(f"weights[{i}] must have shape (N, D_{i}) = ({N}, {f.shape[-1]}), got {tuple(w.shape)}")
+    if bias is not None:
+        check_like("bias", bias, "features[0]", features[0])
+        if tuple(bias.shape) != (N,):
+            fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        fail(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
+    out, _ = torch.ops.mmkernels.linear_fusion(rows, list(weights), bias, ACTIVATIONS.index(activation), backend or "")
+    return out.view(*lead, N)
+
+
+def _problem(features, *rest):
+    return Problem.of("linear_fusion", features[0], modalities=len(features))
+
+
+def _fake_forward(features, weights, bias, activation, *rest):
+    rows, N = features[0].shape[0], weights[0].shape[0]
+    pre = features[0].new_empty(0) if activation == 0 else features[0].new_empty(rows, N)
+    return features[0].new_empty(rows, N), pre
+
+
+def _fake_backward(grad_out, features, weights, pre, activation, *rest):
+    return [f.new_empty(f.shape) for f in features], [w.new_empty(w.shape) for w in weights], weights[0].new_empty(weights[0].shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    features, weights, bias, activation, backend = inputs
+    ctx.save_for_backward(output[1], *features, *weights)
+    ctx.m, ctx.has_bias, ctx.activation, ctx.backend = len(features), bias is not None, activation, backend
+
+
+def _autograd_backward(ctx, grad_out, grad_pre):
+    pre, *rest = ctx.saved_tensors
+    features, weights = rest[: ctx.m], rest[ctx.m :]
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_features, grad_weights, grad_bias = torch.ops.mmkernels.linear_fusion_backward(
+        grad_out, features, weights, pre, ctx.activation, ctx.backend
+    )
+    return grad_features, grad_weights, grad_bias if ctx.has_bias else None, None, None
+
+
+register_op("linear_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+            setup_context=_setup_context, backward=_autograd_backward)
