@@ -12,6 +12,7 @@
 // `values` list means the features are the values. decision_fusion works on (rows, C) views and
 // takes weights already normalised to sum 1 (acc dtype). linear_fusion's activation is an index
 // into mmkernels/ops/linear_fusion.py ACTIVATIONS; it returns the pre-activation for the backward.
+// gated_fusion returns tanh(x_a W_a^T + b_a), tanh(x_b W_b^T + b_b) and the gate z for the backward.
 #include <torch/library.h>
 
 #define MMKERNELS_CROSS_ATTENTION_ARGS \
@@ -29,11 +30,20 @@
 #define MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS \
   "Tensor grad_out, Tensor[] features, Tensor[] weights, Tensor pre, int activation"
 
+#define MMKERNELS_GATED_FUSION_ARGS \
+  "Tensor x_a, Tensor x_b, Tensor weight_a, Tensor weight_b, Tensor weight_z, Tensor? bias_a, Tensor? bias_b, Tensor? bias_z"
+#define MMKERNELS_GATED_FUSION_BACKWARD_ARGS \
+  "Tensor grad_out, Tensor x_a, Tensor x_b, Tensor weight_a, Tensor weight_b, Tensor weight_z, Tensor h_a, Tensor h_b, Tensor z"
+
 #define MMKERNELS_CROSS_ATTENTION_RET " -> (Tensor out, Tensor lse)"
 #define MMKERNELS_CROSS_ATTENTION_BACKWARD_RET " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
 #define MMKERNELS_FUSION_RET " -> (Tensor out, Tensor gate)"
 #define MMKERNELS_DECISION_FUSION_RET " -> Tensor"
 #define MMKERNELS_DECISION_FUSION_BACKWARD_RET " -> (Tensor[] grad_logits, Tensor grad_weights)"
+#define MMKERNELS_GATED_FUSION_RET " -> (Tensor out, Tensor h_a, Tensor h_b, Tensor z)"
+#define MMKERNELS_GATED_FUSION_BACKWARD_RET \
+  " -> (Tensor grad_x_a, Tensor grad_x_b, Tensor grad_weight_a, Tensor grad_weight_b, Tensor grad_weight_z, " \
+  "Tensor grad_bias_a, Tensor grad_bias_b, Tensor grad_bias_z)"
 #define MMKERNELS_LINEAR_FUSION_RET " -> (Tensor out, Tensor pre)"
 #define MMKERNELS_LINEAR_FUSION_BACKWARD_RET " -> (Tensor[] grad_features, Tensor[] grad_weights, Tensor grad_bias)"
 #define MMKERNELS_FUSION_BACKWARD_RET \
@@ -53,6 +63,8 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("linear_fusion(" MMKERNELS_LINEAR_FUSION_ARGS ", str backend)" MMKERNELS_LINEAR_FUSION_RET);
   m.def("linear_fusion_backward(" MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS
         ", str backend)" MMKERNELS_LINEAR_FUSION_BACKWARD_RET);
+  m.def("gated_fusion(" MMKERNELS_GATED_FUSION_ARGS ", str backend)" MMKERNELS_GATED_FUSION_RET);
+  m.def("gated_fusion_backward(" MMKERNELS_GATED_FUSION_BACKWARD_ARGS ", str backend)" MMKERNELS_GATED_FUSION_BACKWARD_RET);
 
   m.def("native_cross_attention(" MMKERNELS_CROSS_ATTENTION_ARGS ")" MMKERNELS_CROSS_ATTENTION_RET);
   m.def("native_cross_attention_backward(" MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS
@@ -64,6 +76,8 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("native_decision_fusion_backward(" MMKERNELS_DECISION_FUSION_BACKWARD_ARGS
         ")" MMKERNELS_DECISION_FUSION_BACKWARD_RET);
   m.def("native_linear_fusion(" MMKERNELS_LINEAR_FUSION_ARGS ")" MMKERNELS_LINEAR_FUSION_RET);
+  m.def("native_gated_fusion(" MMKERNELS_GATED_FUSION_ARGS ")" MMKERNELS_GATED_FUSION_RET);
+  m.def("native_gated_fusion_backward(" MMKERNELS_GATED_FUSION_BACKWARD_ARGS ")" MMKERNELS_GATED_FUSION_BACKWARD_RET);
   m.def("native_linear_fusion_backward(" MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS
         ")" MMKERNELS_LINEAR_FUSION_BACKWARD_RET);
 }

@@ -63,3 +63,11 @@ def linear_fusion(features, weights, bias, activation):
 
 def linear_fusion_backward(grad_out, features, weights, pre, activation):
     return _native.native_linear_fusion_backward(grad_out, features, weights, pre, activation)
+
+
+def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z):
+    return _native.native_gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z)
+
+
+def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z):
+    return _native.native_gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z)

@@ -150,3 +150,19 @@ def linear_fusion_backward(grad_out, features, weights, pre, activation):
             x = pre.detach().requires_grad_()
             (g,) = torch.autograd.grad(_ACTIVATIONS[activation](x), x, grad_out)
     return [g @ w for w in weights], [g.T @ f for f in features], g.sum(0)
+
+
+def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z):
+    affine = lambda x, w, b: x @ w.T + (b if b is not None else 0)
+    h_a, h_b = torch.tanh(affine(x_a, weight_a, bias_a)), torch.tanh(affine(x_b, weight_b, bias_b))
+    z = torch.sigmoid(affine(torch.cat([x_a, x_b], -1), weight_z, bias_z))
+    return z * h_a + (1 - z) * h_b, h_a, h_b, z
+
+
+def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z):
+    g_a = grad_out * z * (1 - h_a**2)
+    g_b = grad_out * (1 - z) * (1 - h_b**2)
+    g_z = grad_out * (h_a - h_b) * z * (1 - z)
+    Da = x_a.shape[-1]
+    return (g_a @ weight_a + g_z @ weight_z[:, :Da], g_b @ weight_b + g_z @ weight_z[:, Da:], g_a.T @ x_a, g_b.T @ x_b,
+            g_z.T @ torch.cat([x_a, x_b], -1), g_a.sum(0), g_b.sum(0), g_z.sum(0))

@@ -2,6 +2,6 @@
 from mmkernels.nn.concat_weighted_fusion import ConcatWeightedFusion
 from mmkernels.nn.cross_modal_attention import CrossModalAttention
 from mmkernels.nn.gated_cross_attention import GatedCrossAttention
-from mmkernels.nn.late_and_linear_fusion import DecisionFusion, LinearFusion
+from mmkernels.nn.late_and_linear_fusion import DecisionFusion, GatedMultimodalUnit, LinearFusion
 
-__all__ = ["ConcatWeightedFusion", "CrossModalAttention", "DecisionFusion", "GatedCrossAttention", "LinearFusion"]
+__all__ = ["ConcatWeightedFusion", "CrossModalAttention", "DecisionFusion", "GatedCrossAttention", "GatedMultimodalUnit", "LinearFusion"]

@@ -1,8 +1,8 @@
-"""LinearFusion and DecisionFusion: thin layers over mmkernels.linear_fusion / decision_fusion."""
+"""LinearFusion, GatedMultimodalUnit and DecisionFusion: thin layers over their ops."""
 import torch
 from torch import nn
 
-from mmkernels.ops import decision_fusion, linear_fusion
+from mmkernels.ops import decision_fusion, gated_fusion, linear_fusion
 from mmkernels.ops.linear_fusion import ACTIVATIONS
 
 
@@ -48,3 +48,18 @@ class DecisionFusion(nn.Module):
 
     def forward(self, logits):
         return decision_fusion(list(logits), torch.softmax(self.weight_logits, 0), mode=self.mode)
+
+
+class GatedMultimodalUnit(nn.Module):
+    """The gated multimodal unit (Arevalo et al.): h = z * tanh(W_a x_a) + (1 - z) * tanh(W_b x_b),
+    z = sigmoid(W_z [x_a; x_b]); parameters `proj_a`, `proj_b`, `gate` are nn.Linear layers."""
+
+    def __init__(self, dim_a, dim_b, out_features, bias=True):
+        super().__init__()
+        self.proj_a = nn.Linear(dim_a, out_features, bias=bias)
+        self.proj_b = nn.Linear(dim_b, out_features, bias=bias)
+        self.gate = nn.Linear(dim_a + dim_b, out_features, bias=bias)
+
+    def forward(self, x_a, x_b):
+        return gated_fusion(x_a, x_b, self.proj_a.weight, self.proj_b.weight, self.gate.weight,
+                            self.proj_a.bias, self.proj_b.bias, self.gate.bias)

@@ -2,6 +2,7 @@
 from mmkernels.ops.concat_weighted_fusion import concat_weighted_fusion
 from mmkernels.ops.cross_attention import cross_attention
 from mmkernels.ops.decision_fusion import decision_fusion
+from mmkernels.ops.gated_fusion import gated_fusion
 from mmkernels.ops.linear_fusion import linear_fusion
 
-__all__ = ["cross_attention", "concat_weighted_fusion", "decision_fusion", "linear_fusion"]
+__all__ = ["cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "linear_fusion"]

@@ -1,0 +1,68 @@
+"""gated_fusion: the gated multimodal unit over two modalities."""
+import torch
+
+from mmkernels.backends.base import Problem
+from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._register import register_op
+from mmkernels.ops.concat_weighted_fusion import _as_rows
+
+
+def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a=None, bias_b=None, bias_z=None, *, backend=None):
+    """h = z * tanh(x_a W_a^T + b_a) + (1 - z) * tanh(x_b W_b^T + b_b), z = sigmoid([x_a; x_b] W_z^T + b_z).
+
+    x_a (..., Da), x_b (..., Db) with the same leading dims; weight_a (N, Da), weight_b (N, Db),
+    weight_z (N, Da + Db); biases (N,). The concatenation [x_a; x_b] is never built.
+    Returns (..., N)."""
+    check_float("x_a", x_a)
+    check_like("x_b", x_b, "x_a", x_a)
+    if x_a.shape[:-1] != x_b.shape[:-1]:
+        fail(f"x_b must have the leading dims {tuple(x_a.shape[:-1])} of x_a, got shape {tuple(x_b.shape)}")
+    Da, Db = x_a.shape[-1], x_b.shape[-1]
+    N = weight_a.shape[0] if isinstance(weight_a, torch.Tensor) and weight_a.dim() == 2 else -1
+    for name, w, cols in (("weight_a", weight_a, Da), ("weight_b", weight_b, Db), ("weight_z", weight_z, Da + Db)):
+        check_like(name, w, "x_a", x_a)
+        if tuple(w.shape) != (N, cols):
+            fail(f"{name} must have shape ({N}, {cols}), got {tuple(w.shape)}")
+    for name, b in (("bias_a", bias_a), ("bias_b", bias_b), ("bias_z", bias_z)):
+        if b is not None:
+            check_like(name, b, "x_a", x_a)
+            if tuple(b.shape) != (N,):
+                fail(f"{name} must have shape ({N},), got {tuple(b.shape)}")
+    lead = tuple(x_a.shape[:-1])
+    out, *_ = torch.ops.mmkernels.gated_fusion(_as_rows("x_a", x_a), _as_rows("x_b", x_b), weight_a, weight_b, weight_z,
+                                              bias_a, bias_b, bias_z, backend or "")
+    return out.view(*lead, N)
+
+
+def _problem(x_a, *rest):
+    return Problem.of("gated_fusion", x_a, modalities=2)
+
+
+def _fake_forward(x_a, x_b, weight_a, *rest):
+    shape = (x_a.shape[0], weight_a.shape[0])
+    return tuple(x_a.new_empty(shape) for _ in range(4))
+
+
+def _fake_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, *rest):
+    n = weight_a.shape[0]
+    return (x_a.new_empty(x_a.shape), x_b.new_empty(x_b.shape), weight_a.new_empty(weight_a.shape), weight_b.new_empty(weight_b.shape),
+            weight_z.new_empty(weight_z.shape), x_a.new_empty(n), x_a.new_empty(n), x_a.new_empty(n))
+
+
+def _setup_context(ctx, inputs, output):
+    x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z, backend = inputs
+    ctx.save_for_backward(x_a, x_b, weight_a, weight_b, weight_z, *output[1:])
+    ctx.has_bias = (bias_a is not None, bias_b is not None, bias_z is not None)
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, grad_out, *unused):
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grads = torch.ops.mmkernels.gated_fusion_backward(grad_out, *ctx.saved_tensors, ctx.backend)
+    biases = [g if has else None for g, has in zip(grads[5:], ctx.has_bias)]
+    return (*grads[:5], *biases, None)
+
+
+register_op("gated_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+            setup_context=_setup_context, backward=_autograd_backward)
