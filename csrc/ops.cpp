@@ -63,6 +63,15 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("linear_fusion(" MMKERNELS_LINEAR_FUSION_ARGS ", str backend)" MMKERNELS_LINEAR_FUSION_RET);
   m.def("linear_fusion_backward(" MMKERNELS_LINEAR_FUSION_BACKWARD_ARGS
         ", str backend)" MMKERNELS_LINEAR_FUSION_BACKWARD_RET);
+  // co_attention has no native_ twin: its CPU "kernel" is two native_cross_attention calls.
+  m.def(
+      "co_attention(Tensor q_a, Tensor k_a, Tensor v_a, Tensor q_b, Tensor k_b, Tensor v_b, Tensor? lengths_a, "
+      "Tensor? lengths_b, float scale, str backend) -> (Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b)");
+  m.def(
+      "co_attention_backward(Tensor grad_a, Tensor grad_b, Tensor q_a, Tensor k_a, Tensor v_a, Tensor q_b, Tensor k_b, "
+      "Tensor v_b, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, Tensor? lengths_a, Tensor? lengths_b, "
+      "float scale, str backend) -> (Tensor grad_q_a, Tensor grad_k_a, Tensor grad_v_a, Tensor grad_q_b, "
+      "Tensor grad_k_b, Tensor grad_v_b)");
   m.def("gated_fusion(" MMKERNELS_GATED_FUSION_ARGS ", str backend)" MMKERNELS_GATED_FUSION_RET);
   m.def("gated_fusion_backward(" MMKERNELS_GATED_FUSION_BACKWARD_ARGS ", str backend)" MMKERNELS_GATED_FUSION_BACKWARD_RET);
 

@@ -22,7 +22,7 @@ def why_not_cuda(p: Problem, explicit: bool) -> str | None:
         return "this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"
     if p.device.type != "cuda":
         return f"runs on cuda tensors, got {p.device.type}"
-    if p.op in ("cross_attention", "decision_fusion"):
+    if p.op in ("cross_attention", "co_attention", "decision_fusion"):
         return f"no CUDA C++ {p.op} kernel in this version (the triton backend covers CUDA)"
     if p.op == "concat_weighted_fusion" and p.dtype == torch.float64:
         return "accumulates in fp32, so float64 is left to the reference backend"
@@ -71,3 +71,15 @@ def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z)
 
 def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z):
     return _native.native_gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z)
+
+
+def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
+    """Two launches of the native kernel: on the CPU a single launch saves nothing."""
+    return (*cross_attention(q_a, k_b, v_b, lengths_b, None, lengths_a, scale),
+            *cross_attention(q_b, k_a, v_a, lengths_a, None, lengths_b, scale))
+
+
+def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
+    dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
+    dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
+    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b

@@ -6,7 +6,13 @@ import torch
 
 from mmkernels.bench import attention, family, fusion
 
-MODULES = {"cross_attention": attention, "concat_weighted_fusion": fusion, "decision_fusion": family, "linear_fusion": family}
+PROVIDERS = {
+    "cross_attention": attention.providers,
+    "co_attention": attention.co_providers,
+    "concat_weighted_fusion": fusion.providers,
+    "decision_fusion": family.providers,
+    "linear_fusion": family.providers,
+}
 from mmkernels.bench.measure import peak_memory_mib, time_ms
 
 TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-8, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -36,8 +42,8 @@ def _call(case, provider, inputs, dtype):
 def run_case(case, device, dtype, full=False):
     inputs = case.inputs(device, dtype)
     lengths = inputs[3] if case.op == "cross_attention" else None
-    label = case.lengths_label(lengths) if case.op == "cross_attention" else "-"
-    provs = MODULES[case.op].providers(case, device, dtype, full)
+    label = case.lengths_label(lengths) if case.op in ("cross_attention", "co_attention") else "-"
+    provs = PROVIDERS[case.op](case, device, dtype, full)
     oracle = None if case.memory_only else next(iter(provs.values()))(*inputs).float()
     results = []
     for name, provider in provs.items():
@@ -66,7 +72,7 @@ def run_case(case, device, dtype, full=False):
         except Exception as e:  # a peer that can't run these inputs is reported, not fatal
             r.note = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
             continue
-        if case.op == "cross_attention":
+        if case.op in ("cross_attention", "co_attention"):
             r.throughput = case.flops(lengths) / (r.time_ms * 1e-3) / 1e12
         else:
             r.throughput = case.bytes_moved(dtype) / (r.time_ms * 1e-3) / 1e9

@@ -1,5 +1,5 @@
 """The curated sweeps: what `mmkernels bench` runs for the device it finds."""
-from mmkernels.bench.attention import AttentionCase
+from mmkernels.bench.attention import AttentionCase, CoAttentionCase
 from mmkernels.bench.family import DecisionCase, LinearCase
 from mmkernels.bench.fusion import FusionCase
 
@@ -43,6 +43,9 @@ def cuda_cases(full: bool):
         FusionCase(3, 262144, 1024, mode="fwd"),
         FusionCase(3, 262144, 1024, mode="fwd+bwd"),
         LinearCase(3, 65536, 1024, 1024, mode="fwd+bwd"),
+        # Small shapes, where one launch instead of two matters.
+        CoAttentionCase(2, 8, 32, 64, 64, mode="fwd"),
+        CoAttentionCase(2, 8, 32, 64, 64, mode="fwd+bwd"),
         DecisionCase(3, 65536, 1000, mode="fwd"),
     ]
     for Lk in (256, 1024, 2048) + ((8192,) if full else ()):

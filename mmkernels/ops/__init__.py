@@ -1,8 +1,9 @@
 """The public functional API: validation, then one torch.ops.mmkernels call."""
+from mmkernels.ops.co_attention import co_attention
 from mmkernels.ops.concat_weighted_fusion import concat_weighted_fusion
 from mmkernels.ops.cross_attention import cross_attention
 from mmkernels.ops.decision_fusion import decision_fusion
 from mmkernels.ops.gated_fusion import gated_fusion
 from mmkernels.ops.linear_fusion import linear_fusion
 
-__all__ = ["cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "linear_fusion"]
+__all__ = ["co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "linear_fusion"]

@@ -37,30 +37,32 @@ def cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, q_length
     return out
 
 
-def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths):
-    check_float("q", q)
-    check_like("k", k, "q", q)
-    check_like("v", v, "q", q)
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths,
+                           names=("q", "k", "v", "kv_lengths", "key_padding_mask", "q_lengths")):
+    nq, nk, nv, nkv, nmask, nql = names
+    check_float(nq, q)
+    check_like(nk, k, nq, q)
+    check_like(nv, v, nq, q)
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if t.dim() != 4:
             fail(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
         check_last_dim_contiguous(name, t)
     B, Hq, _, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
-        fail(f"k must be (B={B}, Hkv, Lk, D={D}) to match q, got {tuple(k.shape)}")
+        fail(f"{nk} must be (B={B}, Hkv, Lk, D={D}) to match {nq}, got {tuple(k.shape)}")
     if v.shape != k.shape:
-        fail(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        fail(f"{nv} must have {nk}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
     Hkv, Lk = k.shape[1], k.shape[2]
     if (Hkv == 0 and Hq != 0) or (Hkv and Hq % Hkv):
-        fail(f"q's heads must be a multiple of k's heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}")
-    check_index("kv_lengths", kv_lengths, "q", q, B)
-    check_index("q_lengths", q_lengths, "q", q, B)
+        fail(f"{nq}'s heads must be a multiple of {nk}'s heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}")
+    check_index(nkv, kv_lengths, nq, q, B)
+    check_index(nql, q_lengths, nq, q, B)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device:
             got = f"{key_padding_mask.dtype} on {key_padding_mask.device}" if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
-            fail(f"key_padding_mask must be bool on q's device ({q.device}), got {got}")
+            fail(f"{nmask} must be bool on {nq}'s device ({q.device}), got {got}")
         if tuple(key_padding_mask.shape) != (B, Lk):
-            fail(f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
+            fail(f"{nmask} must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
 
 
 def _problem(q, *rest):

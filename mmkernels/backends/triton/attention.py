@@ -41,17 +41,15 @@ def _visible(Mask, smb, sml, b, cols, n_keys, HAS_MASK: tl.constexpr):
     return visible
 
 
-@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D", "HAS_MASK"])
 @triton.jit
-def _fwd_kernel(
+def _fwd_program(
+    pid_m, pid_bh,
     Q, K, V, Out, Lse, KvLen, Mask, QLen,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smb, sml,
     Hq, Lq, Lk, group, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // group
@@ -118,9 +116,9 @@ def _probabilities(q, kt, lse_row, visible, scale_log2, PRECISION: tl.constexpr)
     return tl.where(visible[None, :], p, 0.0)
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_MASK"])
 @triton.jit
-def _bwd_dkdv_kernel(
+def _bwd_dkdv_program(
+    pid_n, pid_bh,
     Q, K, V, DO, Lse, Delta, DK, DV, KvLen, Mask, QLen,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
     sdkb, sdkh, sdkl, sdvb, sdvh, sdvl, smb, sml,
@@ -128,8 +126,6 @@ def _bwd_dkdv_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     n_keys, q_valid = _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN, HAS_QLEN)
@@ -166,17 +162,15 @@ def _bwd_dkdv_kernel(
     tl.store(DV + b64 * sdvb + hk64 * sdvh + cols[:, None].to(tl.int64) * sdvl + dims[None, :], dv.to(DV.dtype.element_ty), mask=in_range)
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_MASK"])
 @triton.jit
-def _bwd_dq_kernel(
+def _bwd_dq_program(
+    pid_m, pid_bh,
     Q, K, V, DO, Lse, Delta, DQ, KvLen, Mask, QLen,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql, smb, sml,
     Hq, Lq, Lk, group, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // group
@@ -208,10 +202,101 @@ def _bwd_dq_kernel(
              mask=(rows[:, None] < Lq) & (dims[None, :] < D))
 
 
-def _common(q, kv_lengths, key_padding_mask, q_lengths):
-    dummy = q.new_empty(1, dtype=torch.int32)
-    mask = key_padding_mask if key_padding_mask is not None else dummy
-    flags = dict(
+@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D", "HAS_MASK"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, KvLen, Mask, QLen,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smb, sml,
+    Hq, Lq, Lk, group, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    _fwd_program(tl.program_id(0), tl.program_id(1), Q, K, V, Out, Lse, KvLen, Mask, QLen, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smb, sml, Hq, Lq, Lk, group, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_MASK, HAS_QLEN, PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D"])
+@triton.jit
+def _fwd_co_kernel(
+    Q_a, K_a, V_a, Out_a, Lse_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a,
+    svb_a, svh_a, svl_a, sob_a, soh_a, sol_a, smb_a, sml_a, Hq_a, Lq_a, Lk_a, group_a,
+    scale_log2_a, Q_b, K_b, V_b, Out_b, Lse_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b,
+    skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b,
+    group_b, scale_log2_b, BH_A,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Both directions of co-attention in one launch: programs below BH_A run direction a."""
+    pid_bh = tl.program_id(1)
+    if pid_bh < BH_A:
+        _fwd_program(tl.program_id(0), pid_bh, Q_a, K_a, V_a, Out_a, Lse_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a, smb_a, sml_a, Hq_a, Lq_a, Lk_a, group_a, scale_log2_a, D, BLOCK_D, HAS_KVLEN_A, False, HAS_QLEN_A, PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        _fwd_program(tl.program_id(0), pid_bh - BH_A, Q_b, K_b, V_b, Out_b, Lse_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b, group_b, scale_log2_b, D, BLOCK_D, HAS_KVLEN_B, False, HAS_QLEN_B, PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_MASK"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, KvLen, Mask, QLen,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+    sdkb, sdkh, sdkl, sdvb, sdvh, sdvl, smb, sml,
+    Hq, Hkv, Lq, Lk, group, scale, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, Lse, Delta, DK, DV, KvLen, Mask, QLen, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdkb, sdkh, sdkl, sdvb, sdvh, sdvl, smb, sml, Hq, Hkv, Lq, Lk, group, scale, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_MASK, HAS_QLEN, PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D"])
+@triton.jit
+def _bwd_dkdv_co_kernel(
+    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a,
+    skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a,
+    sdvh_a, sdvl_a, smb_a, sml_a, Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, Q_b,
+    K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b,
+    skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b,
+    sdvh_b, sdvl_b, smb_b, sml_b, Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale_b, scale_log2_b, BH_A,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Both directions of co-attention in one launch: programs below BH_A run direction a."""
+    pid_bh = tl.program_id(1)
+    if pid_bh < BH_A:
+        _bwd_dkdv_program(tl.program_id(0), pid_bh, Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a, smb_a, sml_a, Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, D, BLOCK_D, HAS_KVLEN_A, False, HAS_QLEN_A, PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        _bwd_dkdv_program(tl.program_id(0), pid_bh - BH_A, Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b, smb_b, sml_b, Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale_b, scale_log2_b, D, BLOCK_D, HAS_KVLEN_B, False, HAS_QLEN_B, PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_MASK"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, KvLen, Mask, QLen,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql, smb, sml,
+    Hq, Lq, Lk, group, scale, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    _bwd_dq_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, Lse, Delta, DQ, KvLen, Mask, QLen, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql, smb, sml, Hq, Lq, Lk, group, scale, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_MASK, HAS_QLEN, PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D"])
+@triton.jit
+def _bwd_dq_co_kernel(
+    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a,
+    skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a, smb_a, sml_a,
+    Hq_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b,
+    KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b,
+    sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b, group_b, scale_b,
+    scale_log2_b, BH_A,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Both directions of co-attention in one launch: programs below BH_A run direction a."""
+    pid_bh = tl.program_id(1)
+    if pid_bh < BH_A:
+        _bwd_dq_program(tl.program_id(0), pid_bh, Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a, smb_a, sml_a, Hq_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, D, BLOCK_D, HAS_KVLEN_A, False, HAS_QLEN_A, PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        _bwd_dq_program(tl.program_id(0), pid_bh - BH_A, Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b, group_b, scale_b, scale_log2_b, D, BLOCK_D, HAS_KVLEN_B, False, HAS_QLEN_B, PRECISION, BLOCK_M, BLOCK_N)
+
+
+def _flags(q, kv_lengths, key_padding_mask, q_lengths):
+    return dict(
         D=q.shape[-1],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
         HAS_KVLEN=kv_lengths is not None,
@@ -220,25 +305,56 @@ def _common(q, kv_lengths, key_padding_mask, q_lengths):
         # fp32 inputs get fp32 products, not TF32: the same numbers as every other backend.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    args = (kv_lengths if kv_lengths is not None else dummy, mask, q_lengths if q_lengths is not None else dummy)
+
+
+def _side(q, k, kv_lengths, key_padding_mask, q_lengths):
+    """The pointers and sizes one direction's kernels share: (lengths and mask pointers, mask
+    strides, Hq, Hkv, Lq, Lk, group)."""
+    dummy = q.new_empty(1, dtype=torch.int32)
+    mask = key_padding_mask if key_padding_mask is not None else dummy
+    ptrs = (kv_lengths if kv_lengths is not None else dummy, mask, q_lengths if q_lengths is not None else dummy)
     mask_strides = (mask.stride(0), mask.stride(1)) if key_padding_mask is not None else (0, 0)
-    return args, mask_strides, flags
+    Hq, Hkv = q.shape[1], k.shape[1]
+    return ptrs, mask_strides, Hq, Hkv, q.shape[2], k.shape[2], max(Hq // max(Hkv, 1), 1)
+
+
+def _fwd_args(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale):
+    (kvl, mask, ql), mask_strides, Hq, _, Lq, Lk, group = _side(q, k, kv_lengths, key_padding_mask, q_lengths)
+    return (q, k, v, out, lse, kvl, mask, ql, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *mask_strides, Hq, Lq, Lk, group, scale * LOG2E)
+
+
+def _dkdv_args(q, k, v, grad_out, lse, delta, dk, dv, kv_lengths, key_padding_mask, q_lengths, scale):
+    (kvl, mask, ql), mask_strides, Hq, Hkv, Lq, Lk, group = _side(q, k, kv_lengths, key_padding_mask, q_lengths)
+    return (q, k, v, grad_out, lse, delta, dk, dv, kvl, mask, ql, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *mask_strides, Hq, Hkv, Lq, Lk, group, scale, scale * LOG2E)
+
+
+def _dq_args(q, k, v, grad_out, lse, delta, dq, kv_lengths, key_padding_mask, q_lengths, scale):
+    (kvl, mask, ql), mask_strides, Hq, _, Lq, Lk, group = _side(q, k, kv_lengths, key_padding_mask, q_lengths)
+    return (q, k, v, grad_out, lse, delta, dq, kvl, mask, ql, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *grad_out.stride()[:3], *dq.stride()[:3], *mask_strides, Hq, Lq, Lk, group, scale, scale * LOG2E)
+
+
+def _delta(out, grad_out, block_d):
+    B, Hq, Lq, D = out.shape
+    delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=out.device)
+    block = 64 if not INTERPRET else 16
+    _delta_kernel[(triton.cdiv(Lq, block), B * Hq)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], Hq, Lq, D=D, BLOCK_D=block_d, BLOCK_M=block,
+    )
+    return delta
 
 
 def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(math.inf)
-    (kvl, mask, ql), mask_strides, flags = _common(q, kv_lengths, key_padding_mask, q_lengths)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, kvl, mask, ql,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides,
-        Hq, Lq, Lk, max(Hq // max(Hkv, 1), 1), scale * LOG2E, **flags,
-    )
+    _fwd_kernel[grid](*_fwd_args(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale),
+                      **_flags(q, kv_lengths, key_padding_mask, q_lengths))
     return out, lse
 
 
@@ -248,24 +364,63 @@ def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_paddin
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    (kvl, mask, ql), mask_strides, flags = _common(q, kv_lengths, key_padding_mask, q_lengths)
+    flags = _flags(q, kv_lengths, key_padding_mask, q_lengths)
     lse = lse.float().contiguous()
-    delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    block = 64 if not INTERPRET else 16
-    _delta_kernel[(triton.cdiv(Lq, block), B * Hq)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], Hq, Lq,
-        D=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block,
-    )
-    group = max(Hq // max(Hkv, 1), 1)
+    delta = _delta(out, grad_out, flags["BLOCK_D"])
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, kvl, mask, ql,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
-        Hq, Hkv, Lq, Lk, group, scale, scale * LOG2E, **flags,
-    )
+        *_dkdv_args(q, k, v, grad_out, lse, delta, dk, dv, kv_lengths, key_padding_mask, q_lengths, scale), **flags)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, grad_out, lse, delta, dq, kvl, mask, ql,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3], *mask_strides,
-        Hq, Lq, Lk, group, scale, scale * LOG2E, **flags,
-    )
+        *_dq_args(q, k, v, grad_out, lse, delta, dq, kv_lengths, key_padding_mask, q_lengths, scale), **flags)
     return dq, dk, dv
+
+
+def _co_flags(q_a, lengths_a, lengths_b):
+    """Direction a: q_a over modality b's keys (kv_lengths = lengths_b, q_lengths = lengths_a); b mirrors it."""
+    flags = _flags(q_a, None, None, None)
+    del flags["HAS_KVLEN"], flags["HAS_MASK"], flags["HAS_QLEN"]
+    return dict(flags, HAS_KVLEN_A=lengths_b is not None, HAS_QLEN_A=lengths_a is not None,
+                HAS_KVLEN_B=lengths_a is not None, HAS_QLEN_B=lengths_b is not None)
+
+
+def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
+    """Both directions in one launch per stage (forward: one; backward: dK/dV and dQ, one each,
+    after two small delta launches)."""
+    if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:
+        out_a, lse_a = cross_attention(q_a, k_b, v_b, lengths_b, None, lengths_a, scale)
+        out_b, lse_b = cross_attention(q_b, k_a, v_a, lengths_a, None, lengths_b, scale)
+        return out_a, lse_a, out_b, lse_b
+    B = q_a.shape[0]
+    out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
+    lse_a = torch.empty(q_a.shape[:3], dtype=torch.float32, device=q_a.device)
+    lse_b = torch.empty(q_b.shape[:3], dtype=torch.float32, device=q_b.device)
+    grid = lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
+                         B * (q_a.shape[1] + q_b.shape[1]))
+    _fwd_co_kernel[grid](*_fwd_args(q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale),
+                         *_fwd_args(q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale),
+                         B * q_a.shape[1], **_co_flags(q_a, lengths_a, lengths_b))
+    return out_a, lse_a, out_b, lse_b
+
+
+def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
+    if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:
+        dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
+        dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
+        return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+    B = q_a.shape[0]
+    flags = _co_flags(q_a, lengths_a, lengths_b)
+    lse_a, lse_b = lse_a.float().contiguous(), lse_b.float().contiguous()
+    delta_a, delta_b = _delta(out_a, grad_a, flags["BLOCK_D"]), _delta(out_b, grad_b, flags["BLOCK_D"])
+    dq_a, dk_a, dv_a = torch.empty_like(q_a), torch.empty_like(k_a), torch.empty_like(v_a)
+    dq_b, dk_b, dv_b = torch.empty_like(q_b), torch.empty_like(k_b), torch.empty_like(v_b)
+    # direction a writes dK/dV of modality b's keys, direction b those of modality a
+    _bwd_dkdv_co_kernel[lambda meta: (max(triton.cdiv(k_b.shape[2], meta["BLOCK_N"]), triton.cdiv(k_a.shape[2], meta["BLOCK_N"])),
+                                      B * (k_b.shape[1] + k_a.shape[1]))](
+        *_dkdv_args(q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b, lengths_b, None, lengths_a, scale),
+        *_dkdv_args(q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a, lengths_a, None, lengths_b, scale),
+        B * k_b.shape[1], **flags)
+    _bwd_dq_co_kernel[lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
+                                    B * (q_a.shape[1] + q_b.shape[1]))](
+        *_dq_args(q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a, lengths_b, None, lengths_a, scale),
+        *_dq_args(q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b, lengths_a, None, lengths_b, scale),
+        B * q_a.shape[1], **flags)
+    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
