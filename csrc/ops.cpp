@@ -72,6 +72,20 @@ TORCH_LIBRARY(mmkernels, m) {
       "Tensor v_b, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, Tensor? lengths_a, Tensor? lengths_b, "
       "float scale, str backend) -> (Tensor grad_q_a, Tensor grad_k_a, Tensor grad_v_a, Tensor grad_q_b, "
       "Tensor grad_k_b, Tensor grad_v_b)");
+  // y = x + tanh(gate) * row_mask * (h @ weight^T + bias): the gated cross-attention output
+  // projection with its epilogue. Returns the projection too, for the gate's gradient.
+  m.def(
+      "gated_residual_linear(Tensor x, Tensor h, Tensor weight, Tensor? bias, Tensor gate, Tensor? row_mask, str backend) "
+      "-> (Tensor out, Tensor proj)");
+  m.def(
+      "gated_residual_linear_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor gate, Tensor? row_mask, Tensor proj, "
+      "str backend) -> (Tensor grad_x, Tensor grad_h, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate)");
+  m.def(
+      "native_gated_residual_linear(Tensor x, Tensor h, Tensor weight, Tensor? bias, Tensor gate, Tensor? row_mask) "
+      "-> (Tensor out, Tensor proj)");
+  m.def(
+      "native_gated_residual_linear_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor gate, Tensor? row_mask, "
+      "Tensor proj) -> (Tensor grad_x, Tensor grad_h, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate)");
   m.def("gated_fusion(" MMKERNELS_GATED_FUSION_ARGS ", str backend)" MMKERNELS_GATED_FUSION_RET);
   m.def("gated_fusion_backward(" MMKERNELS_GATED_FUSION_BACKWARD_ARGS ", str backend)" MMKERNELS_GATED_FUSION_BACKWARD_RET);
 

@@ -61,7 +61,7 @@ LINEAR_CASES = [((4, 12), (9,), 5), ((16,), (3, 2), 8), ((3,) * 8, (5,), 6), ((7
 
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("widths,lead,N", LINEAR_CASES, ids=str)
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_linear_fusion(backend, widths, lead, N, activation):
     M = len(widths)
     tensors = [torch.randn(*lead, d) for d in widths] + [torch.randn(N, d) / d**0.5 for d in widths] + [torch.randn(N)]
@@ -125,7 +125,7 @@ def test_compile_fullgraph():
     (lambda: mmkernels.linear_fusion([torch.randn(2, 3)], [torch.randn(4, 3)] * 2), "weights must have one tensor per feature (1), got 2"),
     (lambda: mmkernels.linear_fusion([torch.randn(2, 3), torch.randn(2, 5)], [torch.randn(4, 3), torch.randn(4, 6)]), "weights[1] must have shape (N, D_1) = (4, 5), got (4, 6)"),
     (lambda: mmkernels.linear_fusion([torch.randn(2, 3)], [torch.randn(4, 3)], activation="elu"), "activation must be one of"),
-    (lambda: mmkernels.linear_fusion([torch.randn(2, 3)], [torch.randn(4, 3)], backend="triton"), "no triton linear_fusion kernel"),
+    (lambda: mmkernels.linear_fusion([torch.randn(2, 3)] * 9, [torch.randn(4, 3)] * 9, backend="triton"), "supports at most 8 modalities, got 9"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_errors(call, message):
     with pytest.raises((ValueError, mmkernels.BackendUnavailable), match=__import__("re").escape(message)):
@@ -189,3 +189,28 @@ def test_gated_multimodal_unit_layer_and_errors():
         mmkernels.gated_fusion(x_a, x_b, layer.proj_a.weight, layer.proj_b.weight, torch.randn(3, 9))
     with pytest.raises(ValueError, match=r"x_b must have the leading dims \(2, 5\) of x_a"):
         mmkernels.gated_fusion(x_a, x_b[:1], layer.proj_a.weight, layer.proj_b.weight, layer.gate.weight)
+
+
+def gated_residual_composite(x, h, w, b, gate, row_mask):
+    return x + torch.tanh(gate) * row_mask.unsqueeze(-1) * F.linear(h, w, b)
+
+
+@pytest.mark.parametrize("lead,N,K,bias", [((2, 5), 8, 12, True), ((7,), 33, 17, False), ((0,), 4, 4, True)], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_gated_residual_linear(backend, lead, N, K, bias):
+    row_mask = (torch.rand(lead) < 0.7).float()
+    tensors = [torch.randn(*lead, N), torch.randn(*lead, K), torch.randn(N, K) / K**0.5, torch.tensor([0.6])] + ([torch.randn(N)] if bias else [])
+    b = lambda t: t[4] if bias else None
+    check(lambda t: mmkernels.ops.gated_residual_linear(t[0], t[1], t[2], b(t), t[3], row_mask, backend=backend),
+          lambda t: gated_residual_composite(t[0], t[1], t[2], b(t), t[3], row_mask), tensors, torch.float32)
+
+
+def test_gated_residual_linear_opcheck_and_errors():
+    x, h, w = torch.randn(6, 8), torch.randn(6, 5), torch.randn(8, 5)
+    for backend in ("cpu", "triton"):
+        torch.library.opcheck(torch.ops.mmkernels.gated_residual_linear.default,
+                              [x.requires_grad_(), h.requires_grad_(), w.requires_grad_(), None, torch.tensor([0.3], requires_grad=True), torch.ones(6), backend])
+    with pytest.raises(ValueError, match=r"gate must be a \(1,\) tensor"):
+        mmkernels.ops.gated_residual_linear(x, h, w, gate=torch.tensor(0.3))
+    with pytest.raises(ValueError, match=r"row_mask must have shape \(6,\)"):
+        mmkernels.ops.gated_residual_linear(x, h, w, gate=torch.tensor([0.3]), row_mask=torch.ones(5))

@@ -83,3 +83,11 @@ def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, l
     dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
     dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
     return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+
+
+def gated_residual_linear(x, h, weight, bias, gate, row_mask):
+    return _native.native_gated_residual_linear(x, h, weight, bias, gate, row_mask)
+
+
+def gated_residual_linear_backward(grad_out, h, weight, gate, row_mask, proj):
+    return _native.native_gated_residual_linear_backward(grad_out, h, weight, gate, row_mask, proj)

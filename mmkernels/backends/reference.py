@@ -177,3 +177,16 @@ def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, l
     dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
     dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
     return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+
+
+def gated_residual_linear(x, h, weight, bias, gate, row_mask):
+    proj = h @ weight.T + (bias if bias is not None else 0)
+    scale = torch.tanh(gate) * (row_mask.unsqueeze(1) if row_mask is not None else 1)
+    return x + scale * proj, proj
+
+
+def gated_residual_linear_backward(grad_out, h, weight, gate, row_mask, proj):
+    mask = row_mask.unsqueeze(1) if row_mask is not None else 1
+    g_proj = grad_out * torch.tanh(gate) * mask
+    grad_gate = (1 - torch.tanh(gate) ** 2) * (grad_out * mask * proj).sum()
+    return grad_out.clone(), g_proj @ weight, g_proj.T @ h, g_proj.sum(0), grad_gate

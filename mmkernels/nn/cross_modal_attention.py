@@ -110,13 +110,25 @@ class CrossModalAttention(nn.Module):
             dim = 0 if self.batch_first else 1
             query, key, value = (t.unsqueeze(dim) for t in (query, key, value))
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        merged, q, k = self.attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths)
+        out = self.out_proj(merged)
+        weights = None
+        if need_weights:
+            weights = self._attention_weights(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average_attn_weights)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            weights = weights.squeeze(0) if weights is not None else None
+        return out, weights
+
+    def attend(self, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False, kv_lengths=None):
+        """The attention with its heads merged, before out_proj, in the query's layout; also
+        the (B, H, L, Dh) q and k views. GatedCrossAttention fuses out_proj into its epilogue."""
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"CrossModalAttention: query must be ({'B, L' if self.batch_first else 'L, B'}, {self.embed_dim}), got {tuple(query.shape)}")
         for name, t, d in (("key", key, self.kdim), ("value", value, self.vdim)):
             if t.dim() != 3 or t.shape[-1] != d:
                 raise ValueError(f"CrossModalAttention: {name} must be 3-D with last dim {d}, got {tuple(t.shape)}")
         q, k, v = (self._heads(t) for t in self._project(query, key, value))
-
         dropout = self.dropout if self.training else 0.0
         fused = attn_mask is None and not is_causal and dropout == 0.0 and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
         if fused:
@@ -126,17 +138,7 @@ class CrossModalAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         B, _, Lq, _ = q.shape
         merged = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
-        if not self.batch_first:
-            merged = merged.transpose(0, 1)
-        out = self.out_proj(merged)
-
-        weights = None
-        if need_weights:
-            weights = self._attention_weights(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average_attn_weights)
-        if unbatched:
-            out = out.squeeze(0 if self.batch_first else 1)
-            weights = weights.squeeze(0) if weights is not None else None
-        return out, weights
+        return (merged if self.batch_first else merged.transpose(0, 1)), q, k
 
     def _attention_weights(self, q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average):
         if attn_mask is None and not is_causal and (key_padding_mask is None or key_padding_mask.dtype == torch.bool):

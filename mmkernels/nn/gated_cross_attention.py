@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mmkernels.nn.cross_modal_attention import CrossModalAttention
+from mmkernels.ops import gated_residual_linear
 
 
 class GatedCrossAttention(nn.Module):
@@ -12,7 +13,8 @@ class GatedCrossAttention(nn.Module):
 
     x: (B, Lq, dim) text; media: (B, Lk, media_dim) image/audio tokens; media_lengths (B,) or
     media_padding_mask (B, Lk, True = ignore) for ragged media; row_mask (B, Lq): rows that may
-    see media (Llama 3.2's full-text-row mask)."""
+    see media (Llama 3.2's full-text-row mask). The output projection, gate, row mask and residual
+    are one gated_residual_linear (fused into the GEMM's epilogue on the triton backend)."""
 
     def __init__(self, dim, num_heads, media_dim=None, ff_mult=4, dropout=0.0):
         super().__init__()
@@ -34,8 +36,7 @@ class GatedCrossAttention(nn.Module):
     def forward(self, x, media, media_lengths=None, media_padding_mask=None, row_mask=None):
         if x.dim() != 3 or media.dim() != 3 or x.shape[0] != media.shape[0]:
             raise ValueError(f"GatedCrossAttention: x must be (B, Lq, dim) and media (B, Lk, media_dim), got {tuple(x.shape)} and {tuple(media.shape)}")
-        attended, _ = self.attn(self.norm(x), media, media, key_padding_mask=media_padding_mask, need_weights=False, kv_lengths=media_lengths)
-        if row_mask is not None:
-            attended = attended * row_mask.unsqueeze(-1).to(attended.dtype)
-        y = x + torch.tanh(self.attn_gate) * attended
+        merged, _, _ = self.attn.attend(self.norm(x), media, media, key_padding_mask=media_padding_mask, kv_lengths=media_lengths)
+        proj = self.attn.out_proj
+        y = gated_residual_linear(x, merged, proj.weight, proj.bias, self.attn_gate, row_mask)  # out_proj + gate + mask + residual
         return y + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(y))

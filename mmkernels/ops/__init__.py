@@ -4,6 +4,7 @@ from mmkernels.ops.concat_weighted_fusion import concat_weighted_fusion
 from mmkernels.ops.cross_attention import cross_attention
 from mmkernels.ops.decision_fusion import decision_fusion
 from mmkernels.ops.gated_fusion import gated_fusion
+from mmkernels.ops.gated_residual_linear import gated_residual_linear
 from mmkernels.ops.linear_fusion import linear_fusion
 
-__all__ = ["co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "linear_fusion"]
+__all__ = ["co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion"]

@@ -13,7 +13,7 @@ from mmkernels.backends.base import Problem
 HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128, 256)
 MAX_MODALITIES = 8
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-OPS = ("cross_attention", "co_attention", "concat_weighted_fusion", "decision_fusion")
+OPS = ("cross_attention", "co_attention", "concat_weighted_fusion", "decision_fusion", "gated_residual_linear", "linear_fusion")
 
 
 def why_not(p: Problem, explicit: bool) -> str | None:
@@ -32,6 +32,6 @@ def why_not(p: Problem, explicit: bool) -> str | None:
         return f"supports float16, bfloat16 and float32, got {p.dtype}"
     if p.op in ("cross_attention", "co_attention") and p.head_dim not in HEAD_DIMS:
         return f"supports head dims {HEAD_DIMS}, got {p.head_dim}"
-    if p.op in ("concat_weighted_fusion", "decision_fusion") and p.modalities > MAX_MODALITIES:
+    if p.op in ("concat_weighted_fusion", "decision_fusion", "linear_fusion") and p.modalities > MAX_MODALITIES:
         return f"supports at most {MAX_MODALITIES} modalities, got {p.modalities}"
     return None

@@ -1,0 +1,72 @@
+"""Triton linear fusion: one GEMM over the virtual concatenation of the modalities (the K loop
+walks each modality's features and its weight slice in turn; nothing is concatenated), with the
+bias and the activation in the epilogue. The backward is plain GEMMs, which cuBLAS does best: it
+reuses the native kernel."""
+import torch
+import triton
+import triton.language as tl
+
+from mmkernels.backends import native
+from mmkernels.backends.triton.config import INTERPRET
+from mmkernels.backends.triton.fusion import _padded, _pick
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    # indices of mmkernels/ops/linear_fusion.py ACTIVATIONS
+    if ACTIVATION == 1:
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == 2:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == 4:
+        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    elif ACTIVATION == 5:
+        x = tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def _kernel(F0, F1, F2, F3, F4, F5, F6, F7, W0, W1, W2, W3, W4, W5, W6, W7, Meta, Bias, Out, Pre, rows, N,
+            M: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for m in tl.static_range(M):
+        f = _pick(m, F0, F1, F2, F3, F4, F5, F6, F7)
+        w = _pick(m, W0, W1, W2, W3, W4, W5, W6, W7)
+        f_stride, width, w_stride = tl.load(Meta + 3 * m), tl.load(Meta + 3 * m + 1), tl.load(Meta + 3 * m + 2)
+        for k0 in range(0, width, BLOCK_K):
+            ks = k0 + rk
+            a = tl.load(f + rm64[:, None] * f_stride + ks[None, :], mask=(rm[:, None] < rows) & (ks[None, :] < width), other=0.0)
+            b = tl.load(w + rn[None, :].to(tl.int64) * w_stride + ks[:, None], mask=(rn[None, :] < N) & (ks[:, None] < width), other=0.0)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < rows) & (rn[None, :] < N)
+    if ACTIVATION != 0:
+        tl.store(Pre + rm64[:, None] * N + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
+    tl.store(Out + rm64[:, None] * N + rn[None, :], _activate(acc, ACTIVATION).to(Out.dtype.element_ty), mask=mask)
+
+
+def linear_fusion(features, weights, bias, activation):
+    rows, N = features[0].shape[0], weights[0].shape[0]
+    out = features[0].new_empty(rows, N)
+    pre = features[0].new_empty(0) if activation == 0 else features[0].new_empty(rows, N)
+    if rows == 0 or N == 0:
+        return out, pre
+    meta = torch.tensor([v for f, w in zip(features, weights) for v in (f.stride(0), f.shape[1], w.stride(0))], dtype=torch.int64, device=out.device)
+    bm, bn, bk = (16, 16, 16) if INTERPRET else (64, 64, 32)
+    _kernel[(triton.cdiv(rows, bm), triton.cdiv(N, bn))](
+        *_padded(features), *_padded(weights), meta, bias if bias is not None else out, out, pre, rows, N,
+        M=len(features), HAS_BIAS=bias is not None, ACTIVATION=activation,
+        PRECISION="ieee" if out.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return out, pre
+
+
+linear_fusion_backward = native.linear_fusion_backward

@@ -1,0 +1,65 @@
+"""gated_residual_linear: the gated cross-attention output projection with its epilogue."""
+import torch
+
+from mmkernels.backends.base import Problem
+from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._register import register_op
+from mmkernels.ops.concat_weighted_fusion import _as_rows
+
+
+def gated_residual_linear(x, h, weight, bias=None, gate=None, row_mask=None, *, backend=None):
+    """x + tanh(gate) * row_mask * (h @ weight.T + bias): Flamingo / IDEFICS / Llama 3.2 Vision's
+    gated cross-attention residual, with the gate and the row mask fused into the projection's
+    epilogue (on the triton backend). x (..., N), h (..., K), weight (N, K), bias (N,), gate (1,),
+    row_mask (...) bool or float: the rows that may see the other modality."""
+    check_float("x", x)
+    check_like("h", h, "x", x)
+    check_like("weight", weight, "x", x)
+    N, K = x.shape[-1], h.shape[-1]
+    if x.shape[:-1] != h.shape[:-1]:
+        fail(f"h must have the leading dims {tuple(x.shape[:-1])} of x, got shape {tuple(h.shape)}")
+    if tuple(weight.shape) != (N, K):
+        fail(f"weight must have shape (N, K) = ({N}, {K}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_like("bias", bias, "x", x)
+        if tuple(bias.shape) != (N,):
+            fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (1,) or gate.device != x.device:
+        fail(f"gate must be a (1,) tensor on x's device ({x.device}), got {gate!r}")
+    lead = tuple(x.shape[:-1])
+    mask = None
+    if row_mask is not None:
+        if not isinstance(row_mask, torch.Tensor) or tuple(row_mask.shape) != lead or row_mask.device != x.device:
+            fail(f"row_mask must have shape {lead} on x's device, got {tuple(row_mask.shape) if isinstance(row_mask, torch.Tensor) else row_mask!r}")
+        mask = row_mask.reshape(-1).to(x.dtype)  # (rows,): tiny next to x
+    out, _ = torch.ops.mmkernels.gated_residual_linear(_as_rows("x", x), _as_rows("h", h), weight, bias, gate.to(x.dtype), mask, backend or "")
+    return out.view(x.shape)
+
+
+def _problem(x, *rest):
+    return Problem.of("gated_residual_linear", x)
+
+
+def _fake_forward(x, h, weight, *rest):
+    return torch.empty_like(x), x.new_empty(x.shape)
+
+
+def _fake_backward(grad_out, h, weight, gate, row_mask, proj, *rest):
+    return torch.empty_like(grad_out), torch.empty_like(h), torch.empty_like(weight), weight.new_empty(weight.shape[0]), torch.empty_like(gate)
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, weight, bias, gate, row_mask, backend = inputs
+    ctx.save_for_backward(h, weight, gate, row_mask, output[1])
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _autograd_backward(ctx, grad_out, grad_proj):
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    gx, gh, gw, gb, gg = torch.ops.mmkernels.gated_residual_linear_backward(grad_out, *ctx.saved_tensors, ctx.backend)
+    return gx, gh, gw, gb if ctx.has_bias else None, gg, None, None
+
+
+register_op("gated_residual_linear", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+            setup_context=_setup_context, backward=_autograd_backward)
