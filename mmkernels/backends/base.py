@@ -23,3 +23,16 @@ class Problem:
     def of(op: str, *tensors: torch.Tensor, head_dim: int = 0, modalities: int = 0) -> "Problem":
         t = tensors[0]
         return Problem(op, t.device, t.dtype, head_dim, modalities)
+
+
+def co_attention_by_two_calls(attend, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
+    """co_attention from a backend's cross_attention: a over b's keys, then b over a's."""
+    return (*attend(q_a, k_b, v_b, lengths_b, None, lengths_a, scale),
+            *attend(q_b, k_a, v_a, lengths_a, None, lengths_b, scale))
+
+
+def co_attention_backward_by_two_calls(attend_backward, grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b,
+                                       out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
+    dq_a, dk_b, dv_b = attend_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
+    dq_b, dk_a, dv_a = attend_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
+    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b

@@ -1,9 +1,11 @@
 """The C++ backends: `cpu` and `cuda` call the same mmkernels::native_* operators, and the
 dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+import functools
+
 import torch
 
 from mmkernels import _C
-from mmkernels.backends.base import Problem
+from mmkernels.backends.base import Problem, co_attention_backward_by_two_calls, co_attention_by_two_calls
 
 _native = torch.ops.mmkernels
 
@@ -73,16 +75,9 @@ def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a,
     return _native.native_gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z)
 
 
-def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
-    """Two launches of the native kernel: on the CPU a single launch saves nothing."""
-    return (*cross_attention(q_a, k_b, v_b, lengths_b, None, lengths_a, scale),
-            *cross_attention(q_b, k_a, v_a, lengths_a, None, lengths_b, scale))
-
-
-def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
-    dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
-    dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
-    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+# Two launches of the native kernel: on the CPU a single launch saves nothing.
+co_attention = functools.partial(co_attention_by_two_calls, cross_attention)
+co_attention_backward = functools.partial(co_attention_backward_by_two_calls, cross_attention_backward)
 
 
 def gated_residual_linear(x, h, weight, bias, gate, row_mask):

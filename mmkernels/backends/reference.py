@@ -1,8 +1,10 @@
 """The reference backend: plain PyTorch, written for clarity. It is the oracle every other
 backend is tested against, and the only one that builds the (Lq, Lk) score matrix."""
+import functools
+
 import torch
 
-from mmkernels.backends.base import acc_dtype
+from mmkernels.backends.base import acc_dtype, co_attention_backward_by_two_calls, co_attention_by_two_calls
 
 
 def _visible_keys(q, k, kv_lengths, key_padding_mask):
@@ -168,15 +170,8 @@ def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a,
             g_z.T @ torch.cat([x_a, x_b], -1), g_a.sum(0), g_b.sum(0), g_z.sum(0))
 
 
-def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
-    return (*cross_attention(q_a, k_b, v_b, lengths_b, None, lengths_a, scale),
-            *cross_attention(q_b, k_a, v_a, lengths_a, None, lengths_b, scale))
-
-
-def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
-    dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
-    dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
-    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+co_attention = functools.partial(co_attention_by_two_calls, cross_attention)
+co_attention_backward = functools.partial(co_attention_backward_by_two_calls, cross_attention_backward)
 
 
 def gated_residual_linear(x, h, weight, bias, gate, row_mask):

@@ -18,6 +18,27 @@ def _best_mmkernels(rows, field):
     return min(ours, key=lambda r: float(r[field])) if ours else None
 
 
+def _draw(plt, series, path, title, xlabel, ylabel, log_y):
+    """One line per series (label -> {x: y}) on a log2 x axis, saved to path."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+    if not log_y:
+        ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(csv_path, out_dir):
     import matplotlib
 
@@ -44,24 +65,12 @@ def plot(csv_path, out_dir):
         for r in rs:
             if r["time_ms"] and not r["provider"].startswith("mmkernels"):
                 sweep[(prefix, r["provider"])][_length(shape, "Lk")] = float(r["time_ms"]) / float(ours["time_ms"])
-    prefixes = sorted({p for p, _ in sweep if len(sweep[(p, _)]) > 1})
-    for prefix in prefixes:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (p, provider), points in sorted(sweep.items()):
-            if p == prefix and len(points) > 1:
-                xs = sorted(points)
-                ax.plot(xs, [points[x] for x in xs], marker="o", label=f"vs {provider}")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("Lk (keys; kv_lengths uniform in [Lk/4, Lk])")
-        ax.set_ylabel("mmkernels speed-up (x)")
-        ax.set_title(f"cross_attention fwd {prefix}, {dtype}\n{device}", fontsize=9)
-        ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"{stem}-attention-speedup.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    for prefix in sorted({p for p, _ in sweep}):
+        series = {f"vs {provider}": pts for (p, provider), pts in sorted(sweep.items()) if p == prefix and len(pts) > 1}
+        if series:
+            written.append(_draw(plt, series, os.path.join(out_dir, f"{stem}-attention-speedup.png"),
+                                 f"cross_attention fwd {prefix}, {dtype}\n{device}", "Lk (keys; kv_lengths uniform in [Lk/4, Lk])",
+                                 "mmkernels speed-up (x)", log_y=False))
 
     # Peak memory of forward+backward against sequence length (the unpadded Lq = Lk sweep).
     memory = collections.defaultdict(dict)
@@ -70,21 +79,8 @@ def plot(csv_path, out_dir):
             for r in rs:
                 if r["peak_mib"]:
                     memory[r["provider"]][_length(shape, "Lk")] = float(r["peak_mib"])
-    memory = {p: pts for p, pts in memory.items() if len(pts) > 1}
+    memory = {p: pts for p, pts in sorted(memory.items()) if len(pts) > 1}
     if memory:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for provider, points in sorted(memory.items()):
-            xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=provider)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("Lq = Lk")
-        ax.set_ylabel("peak memory of fwd+bwd (MiB)")
-        ax.set_title(f"cross_attention fwd+bwd memory, {dtype}\n{device}", fontsize=9)
-        ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"{stem}-attention-memory.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_draw(plt, memory, os.path.join(out_dir, f"{stem}-attention-memory.png"),
+                             f"cross_attention fwd+bwd memory, {dtype}\n{device}", "Lq = Lk", "peak memory of fwd+bwd (MiB)", log_y=True))
     return written

@@ -26,6 +26,20 @@ def check_like(name: str, t, ref_name: str, ref):
         fail(f"{name} must have {ref_name}'s dtype and device ({ref.dtype} on {ref.device}), got {t.dtype} on {t.device}")
 
 
+def check_tensor_list(name: str, tensors) -> tuple:
+    """A non-empty list of float tensors with the dtype, device and leading dims of the first;
+    returns those leading dims."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
+        fail(f"{name} must be a non-empty list of tensors, got {type(tensors).__name__} of length {len(tensors) if isinstance(tensors, (list, tuple)) else 'n/a'}")
+    check_float(f"{name}[0]", tensors[0])
+    lead = tuple(tensors[0].shape[:-1])
+    for i, t in enumerate(tensors):
+        check_like(f"{name}[{i}]", t, f"{name}[0]", tensors[0])
+        if tuple(t.shape[:-1]) != lead:
+            fail(f"{name}[{i}] must have the leading dims {lead} of {name}[0], got shape {tuple(t.shape)}")
+    return lead
+
+
 def check_last_dim_contiguous(name: str, t):
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         fail(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(t.stride())}; "

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import check_float, check_last_dim_contiguous, check_like, fail
+from mmkernels.ops._checks import check_last_dim_contiguous, check_like, check_tensor_list, fail
 from mmkernels.ops._register import register_op
 
 OUTPUTS = ("sum", "concat")
@@ -20,15 +20,8 @@ def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="
     Each input must be viewable as (rows, D) without a copy (leading dims that flatten, last
     dim contiguous); a layout that can't raises instead of being copied behind your back.
     """
-    if not isinstance(features, (list, tuple)) or len(features) == 0:
-        fail(f"features must be a non-empty list of tensors, got {type(features).__name__} of length {len(features) if isinstance(features, (list, tuple)) else 'n/a'}")
+    lead = check_tensor_list("features", features)
     M = len(features)
-    check_float("features[0]", features[0])
-    lead = tuple(features[0].shape[:-1])
-    for i, f in enumerate(features):
-        check_like(f"features[{i}]", f, "features[0]", features[0])
-        if tuple(f.shape[:-1]) != lead:
-            fail(f"features[{i}] must have the leading dims {lead} of features[0], got shape {tuple(f.shape)}")
     widths = [f.shape[-1] for f in features]
     check_like("weight", weight, "features[0]", features[0])
     if tuple(weight.shape) != (M, sum(widths)):

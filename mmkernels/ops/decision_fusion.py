@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._checks import check_tensor_list, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -16,16 +16,13 @@ def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
     mode="prob": sum_m w_m softmax(logits_m) (fused, numerically stable, one pass);
     mode="logit": sum_m w_m logits_m. Returns (..., C) in the logits' dtype.
     """
-    if not isinstance(logits, (list, tuple)) or len(logits) == 0:
-        fail(f"logits must be a non-empty list of tensors, got {type(logits).__name__}")
-    check_float("logits[0]", logits[0])
+    check_tensor_list("logits", logits)
     shape = tuple(logits[0].shape)
-    for i, t in enumerate(logits):
-        check_like(f"logits[{i}]", t, "logits[0]", logits[0])
-        if tuple(t.shape) != shape:
-            fail(f"logits[{i}] must have the shape {shape} of logits[0], got {tuple(t.shape)}")
     if len(shape) == 0:
         fail("logits[0] must have a class dim (..., C), got a scalar")
+    for i, t in enumerate(logits):
+        if tuple(t.shape) != shape:
+            fail(f"logits[{i}] must have the shape {shape} of logits[0], got {tuple(t.shape)}")
     if mode not in MODES:
         fail(f"mode must be 'prob' or 'logit', got {mode!r}")
     M, acc = len(logits), acc_dtype(logits[0].dtype)

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._checks import check_like, check_tensor_list, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -16,18 +16,12 @@ def linear_fusion(features, weights, bias=None, *, activation=None, backend=None
     bias: (N,); activation: None, "relu", "gelu", "silu", "tanh" or "sigmoid". Equal to
     act(F.linear(torch.cat(features, -1), torch.cat(weights, 1), bias)). Returns (..., N).
     """
-    for name, ts in (("features", features), ("weights", weights)):
-        if not isinstance(ts, (list, tuple)) or len(ts) == 0:
-            fail(f"{name} must be a non-empty list of tensors, got {type(ts).__name__}")
-    if len(weights) != len(features):
-        fail(f"weights must have one tensor per feature ({len(features)}), got {len(weights)}")
-    check_float("features[0]", features[0])
-    lead, N = tuple(features[0].shape[:-1]), weights[0].shape[0] if weights[0].dim() == 2 else -1
+    lead = check_tensor_list("features", features)
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(features):
+        fail(f"weights must have one tensor per feature ({len(features)}), got {len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__}")
+    N = weights[0].shape[0] if isinstance(weights[0], torch.Tensor) and weights[0].dim() == 2 else -1
     for i, (f, w) in enumerate(zip(features, weights)):
-        check_like(f"features[{i}]", f, "features[0]", features[0])
         check_like(f"weights[{i}]", w, "features[0]", features[0])
-        if tuple(f.shape[:-1]) != lead:
-            fail(f"features[{i}] must have the leading dims {lead} of features[0], got shape {tuple(f.shape)}")
         if tuple(w.shape) != (N, f.shape[-1]):
             fail(f"weights[{i}] must have shape (N, D_{i}) = ({N}, {f.shape[-1]}), got {tuple(w.shape)}")
     if bias is not None:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.backends.base import co_attention_backward_by_two_calls, co_attention_by_two_calls
 from mmkernels.backends.triton.config import INTERPRET, attention_configs
 
 LOG2E = 1.4426950408889634
@@ -385,10 +386,8 @@ def _co_flags(q_a, lengths_a, lengths_b):
 def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
     """Both directions in one launch per stage (forward: one; backward: dK/dV and dQ, one each,
     after two small delta launches)."""
-    if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:
-        out_a, lse_a = cross_attention(q_a, k_b, v_b, lengths_b, None, lengths_a, scale)
-        out_b, lse_b = cross_attention(q_b, k_a, v_a, lengths_a, None, lengths_b, scale)
-        return out_a, lse_a, out_b, lse_b
+    if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:  # nothing to launch for
+        return co_attention_by_two_calls(cross_attention, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale)
     B = q_a.shape[0]
     out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
     lse_a = torch.empty(q_a.shape[:3], dtype=torch.float32, device=q_a.device)
@@ -403,9 +402,8 @@ def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
 
 def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
     if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:
-        dq_a, dk_b, dv_b = cross_attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
-        dq_b, dk_a, dv_a = cross_attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
-        return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+        return co_attention_backward_by_two_calls(cross_attention_backward, grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b,
+                                                  out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale)
     B = q_a.shape[0]
     flags = _co_flags(q_a, lengths_a, lengths_b)
     lse_a, lse_b = lse_a.float().contiguous(), lse_b.float().contiguous()
