@@ -160,8 +160,8 @@ def gated_composite(x_a, x_b, wa, wb, wz, ba, bb, bz):
     return z * torch.tanh(F.linear(x_a, wa, ba)) + (1 - z) * torch.tanh(F.linear(x_b, wb, bb))
 
 
-@pytest.mark.parametrize("lead,Da,Db,N,bias", [((6,), 8, 12, 5, True), ((2, 3), 7, 7, 9, False), ((0,), 4, 5, 3, True), ((1,), 1, 3, 1, True)], ids=str)
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("lead,Da,Db,N,bias", [((6,), 8, 12, 5, True), ((2, 3), 7, 7, 9, False), ((0,), 4, 5, 3, True), ((1,), 1, 3, 1, True), ((33,), 40, 20, 17, True)], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_gated_fusion(backend, lead, Da, Db, N, bias):
     tensors = [torch.randn(*lead, Da), torch.randn(*lead, Db), torch.randn(N, Da), torch.randn(N, Db), torch.randn(N, Da + Db)]
     tensors += [torch.randn(N) for _ in range(3)] if bias else []

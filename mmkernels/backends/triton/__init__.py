@@ -13,7 +13,7 @@ from mmkernels.backends.base import Problem
 HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128, 256)
 MAX_MODALITIES = 8
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-OPS = ("cross_attention", "co_attention", "concat_weighted_fusion", "decision_fusion", "gated_residual_linear", "linear_fusion")
+OPS = ("cross_attention", "co_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion")
 
 
 def why_not(p: Problem, explicit: bool) -> str | None:

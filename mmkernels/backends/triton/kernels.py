@@ -9,3 +9,4 @@ from mmkernels.backends.triton.decision import decision_fusion, decision_fusion_
 from mmkernels.backends.triton.fusion import concat_weighted_fusion, concat_weighted_fusion_backward  # noqa: F401
 from mmkernels.backends.triton.epilogue import gated_residual_linear, gated_residual_linear_backward  # noqa: F401
 from mmkernels.backends.triton.linear import linear_fusion, linear_fusion_backward  # noqa: F401
+from mmkernels.backends.triton.gated import gated_fusion, gated_fusion_backward  # noqa: F401
