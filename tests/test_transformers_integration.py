@@ -1,4 +1,6 @@
 """attn_implementation="mmkernels" in tiny transformers models built from configs (no downloads)."""
+import copy
+
 import pytest
 import torch
 
@@ -65,3 +67,29 @@ def test_key_padding_detection():
     assert mmt._key_padding(causal, B, Lq, Lk) is None  # differs per row: not a key-padding mask
     bias = torch.randn(B, 1, Lq, Lk)
     assert mmt._key_padding(bias, B, Lq, Lk) is None  # a bias, not a mask
+
+
+def test_blip2_qformer_matches_sdpa(monkeypatch):
+    """BLIP-2's Q-Former: learned queries attend to padded image tokens (cross) and to each other."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    calls = []
+    real = mmt.cross_attention
+    monkeypatch.setattr(mmt, "cross_attention", lambda *a, **k: calls.append(k["key_padding_mask"]) or real(*a, **k))
+    config = Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                encoder_hidden_size=48, cross_attention_frequency=1)
+    models = []
+    for impl in ("sdpa", mmt.NAME):  # each its own config: _from_config records the implementation on it
+        torch.manual_seed(0)
+        models.append(Blip2QFormerModel._from_config(copy.deepcopy(config), attn_implementation=impl).eval())
+    assert models[0].config._attn_implementation == "sdpa"
+    models[1].load_state_dict(models[0].state_dict())
+    torch.manual_seed(1)
+    queries, image = torch.randn(2, 8, 64), torch.randn(2, 11, 48)
+    image_mask = torch.ones(2, 11, dtype=torch.long)
+    image_mask[1, 7:] = 0  # the second image has 7 real tokens
+    with torch.no_grad():
+        expected, got = (m(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state for m in models)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    cross = [m for m in calls if m is not None and m.shape[-1] == 11]
+    assert len(cross) == 2 and cross[0][1, 7:].all() and not cross[0][0].any()

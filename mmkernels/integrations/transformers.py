@@ -7,7 +7,8 @@
 Registers an attention function and a mask function under "mmkernels" in transformers'
 AttentionInterface / AttentionMaskInterface. The attention function runs
 mmkernels.cross_attention (grouped-query heads without repeat_kv) when the call is one it can
-take: a cross-attention module (class name containing "CrossAttention", or is_causal=False),
+take: a cross-attention module (class name containing "CrossAttention", is_cross_attention=True,
+or is_causal=False),
 never treated as causal, with either no mask or a 4-D mask that is the same for every query row,
 which is a key-padding mask. Everything else (causal self-attention, masks that differ per query
 row, dropout while training, softcap, position bias) goes to transformers' own sdpa function,
@@ -21,7 +22,10 @@ NAME = "mmkernels"
 
 
 def _is_cross_attention(module) -> bool:
-    return "CrossAttention" in type(module).__name__ or getattr(module, "is_causal", None) is False
+    """Mllama's cross layers are *CrossAttention classes, IDEFICS marks them is_cross_attention
+    (on a class whose is_causal is True), BLIP-2's Q-Former says is_causal=False."""
+    return ("CrossAttention" in type(module).__name__ or getattr(module, "is_cross_attention", False)
+            or getattr(module, "is_causal", None) is False)
 
 
 def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
