@@ -133,7 +133,7 @@ def _bwd_kernel(
     dl = g * (dg - tl.sum(g * dg, 1)[:, None])
     tl.store(DLogits + rows64 * M + mods[None, :], dl, mask=row_ok[:, None] & (mods[None, :] < M))
     for m in tl.static_range(M):
-        f_stride, f_width, f_offset = tl.load(FMeta + 3 * m), tl.load(FMeta + 3 * m + 1), tl.load(FMeta + 3 * m + 2)
+        f_width, f_offset = tl.load(FMeta + 3 * m + 1), tl.load(FMeta + 3 * m + 2)
         v_width, v_offset = tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
         d_off = v_offset if CONCAT else 0
         gm = _column(g, mods, m)
