@@ -7,6 +7,7 @@ import triton.language as tl
 
 from mmkernels.backends import native
 from mmkernels.backends.triton.config import INTERPRET
+from mmkernels.backends.triton.linear import _matmul_acc
 
 
 @triton.jit
@@ -15,14 +16,8 @@ def _kernel(X, H, W, Bias, TanhGate, RowMask, Out, Proj, rows, N, K, sx, sh, sw,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     rm64 = rm.to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        a = tl.load(H + rm64[:, None] * sh + ks[None, :], mask=(rm[:, None] < rows) & (ks[None, :] < K), other=0.0)
-        b = tl.load(W + rn[None, :].to(tl.int64) * sw + ks[:, None], mask=(rn[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc += tl.dot(a, b, input_precision=PRECISION)
+    acc = _matmul_acc(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), H, sh, W, sw, rm, rn, rows, N, K, PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < rows) & (rn[None, :] < N)

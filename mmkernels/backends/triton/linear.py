@@ -28,23 +28,31 @@ def _activate(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _matmul_acc(acc, A, sa, B, sb, rm, rn, rows, N, K, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A[rm, :K] @ B[rn, :K]^T for one (BLOCK_M, BLOCK_N) tile; A and B row-major with row
+    strides sa and sb, 64-bit offsets."""
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + rk
+        a = tl.load(A + rm[:, None].to(tl.int64) * sa + ks[None, :], mask=(rm[:, None] < rows) & (ks[None, :] < K), other=0.0)
+        b = tl.load(B + rn[None, :].to(tl.int64) * sb + ks[:, None], mask=(rn[None, :] < N) & (ks[:, None] < K), other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _kernel(F0, F1, F2, F3, F4, F5, F6, F7, W0, W1, W2, W3, W4, W5, W6, W7, Meta, Bias, Out, Pre, rows, N,
             M: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     rm64 = rm.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for m in tl.static_range(M):
+    for m in tl.static_range(M):  # the K loop walks each modality in turn: the virtual concatenation
         f = _pick(m, F0, F1, F2, F3, F4, F5, F6, F7)
         w = _pick(m, W0, W1, W2, W3, W4, W5, W6, W7)
-        f_stride, width, w_stride = tl.load(Meta + 3 * m), tl.load(Meta + 3 * m + 1), tl.load(Meta + 3 * m + 2)
-        for k0 in range(0, width, BLOCK_K):
-            ks = k0 + rk
-            a = tl.load(f + rm64[:, None] * f_stride + ks[None, :], mask=(rm[:, None] < rows) & (ks[None, :] < width), other=0.0)
-            b = tl.load(w + rn[None, :].to(tl.int64) * w_stride + ks[:, None], mask=(rn[None, :] < N) & (ks[:, None] < width), other=0.0)
-            acc += tl.dot(a, b, input_precision=PRECISION)
+        acc = _matmul_acc(acc, f, tl.load(Meta + 3 * m), w, tl.load(Meta + 3 * m + 2), rm, rn, rows, N,
+                          tl.load(Meta + 3 * m + 1), PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < rows) & (rn[None, :] < N)
