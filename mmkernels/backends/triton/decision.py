@@ -1,5 +1,6 @@
 """Triton decision fusion: one program per block of rows. Per modality an online pass gives the
-softmax max and sum over column chunks; a second pass writes sum_m w_m p_m once. The backward
+softmax max and sum over column chunks (once, before the output loop); a second pass writes
+sum_m w_m p_m once. The backward
 writes each logit gradient once and per-row <g, p_m> for the weight gradient (summed by torch,
 deterministically)."""
 import torch
@@ -40,19 +41,26 @@ def _p(x_ptr, stride, rows, cols, mask, mx, total, PROB: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(L0, L1, L2, L3, L4, L5, L6, L7, Strides, W, Out, rows_total, C,
-                M: tl.constexpr, PROB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                M: tl.constexpr, MP: tl.constexpr, PROB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < rows_total
     cols0 = tl.arange(0, BLOCK_C)
+    mods = tl.arange(0, MP)
+    # Each modality's softmax statistics once, kept as columns of (BLOCK_R, MP) tiles.
+    mx_all = tl.zeros([BLOCK_R, MP], tl.float32)
+    total_all = tl.zeros([BLOCK_R, MP], tl.float32)
+    for m in tl.static_range(M):
+        mx, total = _stats(_pick(m, L0, L1, L2, L3, L4, L5, L6, L7), tl.load(Strides + m), rows, row_ok, C, PROB, BLOCK_C)
+        mx_all = tl.where(mods[None, :] == m, mx[:, None], mx_all)
+        total_all = tl.where(mods[None, :] == m, total[:, None], total_all)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         mask = row_ok[:, None] & (cols[None, :] < C)
         acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for m in tl.static_range(M):
-            x_ptr = _pick(m, L0, L1, L2, L3, L4, L5, L6, L7)
-            stride = tl.load(Strides + m)
-            mx, total = _stats(x_ptr, stride, rows, row_ok, C, PROB, BLOCK_C)
-            acc += tl.load(W + m) * _p(x_ptr, stride, rows, cols, mask, mx, total, PROB)
+            mx = tl.sum(tl.where(mods[None, :] == m, mx_all, 0.0), 1)
+            total = tl.sum(tl.where(mods[None, :] == m, total_all, 0.0), 1)
+            acc += tl.load(W + m) * _p(_pick(m, L0, L1, L2, L3, L4, L5, L6, L7), tl.load(Strides + m), rows, cols, mask, mx, total, PROB)
         tl.store(Out + rows[:, None].to(tl.int64) * C + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -93,7 +101,8 @@ def decision_fusion(logits, weights, prob):
         block_r, block_c, warps = fusion_config()
         strides = torch.tensor([t.stride(0) for t in logits], dtype=torch.int64, device=out.device)
         _fwd_kernel[(triton.cdiv(rows, block_r),)](*_padded(logits), strides, weights.float().contiguous(), out, rows, C,
-                                                    M=len(logits), PROB=prob, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+                                                    M=len(logits), MP=max(2, triton.next_power_of_2(len(logits))), PROB=prob,
+                                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return out
 
 
