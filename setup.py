@@ -98,7 +98,7 @@ def extension():
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", *gencode]
     return CUDAExtension(
         "mmkernels._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        sources + sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True)),
         define_macros=macros,
         include_dirs=cuda_library_headers(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -18,11 +18,22 @@ class Problem:
     dtype: torch.dtype
     head_dim: int = 0  # cross_attention
     modalities: int = 0  # concat_weighted_fusion
+    aligned: bool = True  # every row of the attention operands starts on a 16-byte boundary
 
     @staticmethod
     def of(op: str, *tensors: torch.Tensor, head_dim: int = 0, modalities: int = 0) -> "Problem":
+        """Judged on tensors[0]'s device and dtype, and on the row alignment of all of them."""
         t = tensors[0]
-        return Problem(op, t.device, t.dtype, head_dim, modalities)
+        return Problem(op, t.device, t.dtype, head_dim, modalities, all(map(rows_aligned, tensors)))
+
+
+def rows_aligned(t: torch.Tensor) -> bool:
+    """Whether every row (last dim) of t starts on a 16-byte boundary, as kernels that move rows
+    in 16-byte pieces need: an aligned start, and strides of the leading dims in whole 16 bytes."""
+    if t.data_ptr() % 16:
+        return False
+    per_16_bytes = max(1, 16 // t.element_size())
+    return all(stride % per_16_bytes == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1)
 
 
 def co_attention_by_two_calls(attend, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):

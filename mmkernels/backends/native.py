@@ -11,6 +11,11 @@ _native = torch.ops.mmkernels
 
 CUDA_COMPILED = "cuda" in _C.compiled_backends
 CUDA_MAX_MODALITIES = 8
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)
+# The tensor-core attention kernels (csrc/cuda/attention) are compiled in CI but have not yet
+# run on a GPU. Until the GPU suite (tests/test_cuda_backend.py) has passed on one, auto leaves
+# attention on CUDA to the triton backend and only an explicit backend="cuda" runs them.
+CUDA_ATTENTION_VERIFIED = False
 
 
 def why_not_cpu(p: Problem, explicit: bool) -> str | None:
@@ -24,12 +29,26 @@ def why_not_cuda(p: Problem, explicit: bool) -> str | None:
         return "this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"
     if p.device.type != "cuda":
         return f"runs on cuda tensors, got {p.device.type}"
-    if p.op in ("cross_attention", "co_attention", "decision_fusion"):
+    if p.op in ("cross_attention", "co_attention"):
+        return _why_not_cuda_attention(p, explicit)
+    if p.op == "decision_fusion":
         return f"no CUDA C++ {p.op} kernel in this version (the triton backend covers CUDA)"
     if p.op == "concat_weighted_fusion" and p.dtype == torch.float64:
         return "accumulates in fp32, so float64 is left to the reference backend"
     if p.op == "concat_weighted_fusion" and p.modalities > CUDA_MAX_MODALITIES:
         return f"supports at most {CUDA_MAX_MODALITIES} modalities, got {p.modalities}"
+    return None
+
+
+def _why_not_cuda_attention(p: Problem, explicit: bool) -> str | None:
+    if p.dtype not in (torch.float16, torch.bfloat16):
+        return f"the tensor-core attention kernel takes float16 and bfloat16, got {p.dtype} (triton and reference take it)"
+    if p.head_dim not in CUDA_ATTENTION_HEAD_DIMS:
+        return f"the attention kernel is built for head dims {CUDA_ATTENTION_HEAD_DIMS}, got {p.head_dim} (triton takes more)"
+    if not p.aligned:
+        return "q, k and v rows must start on 16-byte boundaries (an aligned start, strides in multiples of 8 elements)"
+    if not explicit and not CUDA_ATTENTION_VERIFIED:
+        return "the attention kernel has not yet run on a GPU, so auto leaves it out; backend='cuda' runs it"
     return None
 
 
@@ -75,7 +94,8 @@ def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a,
     return _native.native_gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z)
 
 
-# Two launches of the native kernel: on the CPU a single launch saves nothing.
+# Two launches of the native kernel: on the CPU a single launch saves nothing, and the CUDA
+# kernel has no fused two-direction form yet.
 co_attention = functools.partial(co_attention_by_two_calls, cross_attention)
 co_attention_backward = functools.partial(co_attention_backward_by_two_calls, cross_attention_backward)
 

@@ -25,8 +25,8 @@ def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, *, lengths_a=None, lengths_b=None
     return out_a, out_b
 
 
-def _problem(q_a, *rest):
-    return Problem.of("co_attention", q_a, head_dim=q_a.shape[-1])
+def _problem(q_a, k_a, v_a, q_b, k_b, v_b, *rest):
+    return Problem.of("co_attention", q_a, k_a, v_a, q_b, k_b, v_b, head_dim=q_a.shape[-1])
 
 
 def _check_values(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):

@@ -65,8 +65,8 @@ def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths,
             fail(f"{nmask} must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
 
 
-def _problem(q, *rest):
-    return Problem.of("cross_attention", q, head_dim=q.shape[-1])
+def _problem(q, k, v, *rest):
+    return Problem.of("cross_attention", q, k, v, head_dim=q.shape[-1])
 
 
 def _check_values(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):

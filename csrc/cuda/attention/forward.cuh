@@ -1,0 +1,132 @@
+// FlashAttention-2 forward on tensor cores (mma.sync, sm_80+).
+//
+// One CTA per (block of kBlockM queries, query head, batch); each of its warps owns 16 query
+// rows. The Q tile stays in shared memory; K/V tiles of kBlockN keys stream through two shared
+// buffers with cp.async, the next tile in flight while the current one is used. Scores and the
+// online softmax (fp32, base 2) stay in registers, and the probabilities feed the P V MMA from
+// registers. Key tiles past kv_lengths[b] are never loaded; a GQA query head reads its kv head
+// in place.
+#pragma once
+
+#include "tiles.cuh"
+
+namespace mmkernels::attention {
+
+template <int D>
+struct ForwardConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = 64;
+  static constexpr int kLd = D + kPad;
+  // Q, then two K buffers and two V buffers, all 2-byte elements.
+  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kLd * 2;
+};
+
+// One step of the online softmax over a 16 x N tile of scaled base-2 scores (this thread's rows
+// group and group + 8): s becomes exp2(s - new max), and o and l are rescaled to the new max.
+// l is this thread's share of the row sum; the four lanes of a row add theirs up at the end.
+template <int N, int D>
+__device__ __forceinline__ void online_softmax(float (&s)[N / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                               float (&l)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m[r];
+#pragma unroll
+    for (int nb = 0; nb < N / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+    mx = quad_max(mx);
+    // A row that has seen only hidden keys keeps m = -inf; subtracting 0 then keeps exp2 at 0
+    // instead of exp2(-inf + inf) = NaN.
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float correction = exp2f(m[r] - base);
+    m[r] = mx;
+    l[r] *= correction;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      o[nd][2 * r] *= correction;
+      o[nd][2 * r + 1] *= correction;
+    }
+#pragma unroll
+    for (int nb = 0; nb < N / 8; ++nb) {
+      s[nb][2 * r] = exp2f(s[nb][2 * r] - base);
+      s[nb][2 * r + 1] = exp2f(s[nb][2 * r + 1] - base);
+      l[r] += s[nb][2 * r] + s[nb][2 * r + 1];
+    }
+  }
+}
+
+template <typename T, int D, bool kMask>
+__global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(const Params p) {
+  using C = ForwardConfig<D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + C::kBlockM * C::kLd;      // two buffers of kBlockN rows
+  T* sV = sK + 2 * C::kBlockN * C::kLd;  // two buffers
+
+  const QueryBlock blk = query_block<C::kBlockM>(p);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  T* out = p.out.rows<T>(blk.b, blk.h) + blk.row0 * p.out.sl;
+  float* lse = p.lse + (static_cast<int64_t>(blk.b) * p.Hq + blk.h) * p.Lq + blk.row0;
+  if (blk.valid == 0 || blk.n_keys == 0) {  // padded queries, or no key to see: 0 and +inf
+    zero_rows<T, D, C::kThreads>(out, p.out.sl, blk.rows);
+    for (int r = threadIdx.x; r < blk.rows; r += C::kThreads) lse[r] = INFINITY;
+    return;
+  }
+
+  const T* k = p.k.rows<T>(blk.b, blk.hk);
+  const T* v = p.v.rows<T>(blk.b, blk.hk);
+  auto load_kv = [&](int tile, int buf) {
+    load_kv_tile<T, C::kBlockN, D, C::kThreads>(sK, sV, k, v, p, blk.n_keys, tile, buf);
+  };
+  load_tile<T, C::kBlockM, D, C::kThreads>(sQ, p.q.rows<T>(blk.b, blk.h) + blk.row0 * p.q.sl, p.q.sl, blk.valid);
+
+  const float scale_log2 = p.scale * kLog2e;
+  const T* q_warp = sQ + warp * 16 * C::kLd;
+  float o[D / 8][4];
+  zero(o);
+  float m[2] = {-INFINITY, -INFINITY};  // running row max, base-2 units
+  float l[2] = {0.f, 0.f};
+
+  pipeline((blk.n_keys + C::kBlockN - 1) / C::kBlockN, load_kv, [&](int t, int buf) {
+    float s[C::kBlockN / 8][4];
+    zero(s);
+    mma_a_bt<T, D, C::kBlockN, C::kLd>(s, q_warp, sK + buf * C::kBlockN * C::kLd, lane);
+    scale_all(s, scale_log2);  // before hiding keys, so that any scale leaves -inf as it is
+    hide_key_columns<kMask, C::kBlockN>(s, p, blk.b, t * C::kBlockN, blk.n_keys, lane);
+    online_softmax<C::kBlockN, D>(s, o, m, l);
+    mma_p_b<T, C::kBlockN, D, C::kLd>(o, s, sV + buf * C::kBlockN * C::kLd, lane);
+  });
+
+  const int group = lane / 4;
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(l[r]);
+    const int row = warp * 16 + group + 8 * r;
+    // No visible key, or a padded query: exactly 0, whatever the hidden values held. A NaN sum
+    // is not empty and stays NaN.
+    const bool empty = sum == 0.f || row >= blk.valid;
+    if (empty) zero_row(o, r);
+    inv[r] = empty ? 0.f : 1.f / sum;
+    if (lane % 4 == 0 && row < blk.rows) lse[row] = empty ? INFINITY : (m[r] + log2f(sum)) * kLn2;
+  }
+  store_rows<T, D>(out, p.out.sl, o, warp * 16, blk.rows, inv, lane);
+}
+
+template <typename T, int D, bool kMask>
+void launch_forward(const Params& p, cudaStream_t stream) {
+  using C = ForwardConfig<D>;
+  launch(forward_kernel<T, D, kMask>, dim3((p.Lq + C::kBlockM - 1) / C::kBlockM, p.Hq, p.B), C::kThreads,
+         C::kSmemBytes, stream, p);
+}
+
+template <typename T, int D>
+void run_forward(const Params& p, cudaStream_t stream) {
+  if (p.mask != nullptr) {
+    launch_forward<T, D, true>(p, stream);
+  } else {
+    launch_forward<T, D, false>(p, stream);
+  }
+}
+
+}  // namespace mmkernels::attention

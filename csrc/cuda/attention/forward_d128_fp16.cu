@@ -1,0 +1,4 @@
+// One instantiation per file: see params.h.
+#include "forward.cuh"
+
+template void mmkernels::attention::run_forward<__half, 128>(const Params&, cudaStream_t);

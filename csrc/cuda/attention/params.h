@@ -1,0 +1,44 @@
+// The arguments of the CUDA attention kernels, filled by cross_attention.cu from tensors that
+// are already checked: raw pointers, strides in elements (64-bit), lengths.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mmkernels::attention {
+
+// One (B, H, L, D) operand with a contiguous last dim.
+struct Operand {
+  void* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0;
+
+  template <typename T>
+  __host__ __device__ T* rows(int b, int h) const {
+    return static_cast<T*>(ptr) + b * sb + h * sh;
+  }
+};
+
+struct Params {
+  Operand q, k, v, out;
+  Operand dout, dq, dk, dv;         // backward only
+  float* lse = nullptr;             // (B, Hq, Lq) contiguous, natural log; +inf for rows with no key
+  float* delta = nullptr;           // (B, Hq, Lq) contiguous backward scratch: rowsum(dO * O)
+  const int64_t* kv_lengths = nullptr;  // (B,) or null
+  const int64_t* q_lengths = nullptr;   // (B,) or null
+  const bool* mask = nullptr;           // key_padding_mask (B, Lk), true = ignore; or null
+  int64_t mask_sb = 0, mask_sk = 0;
+  int B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0;
+  float scale = 1.f;
+};
+
+// One explicit instantiation per (T, D, direction), each in its own .cu file, so that the
+// heavy template code compiles in parallel and a change recompiles only what it touches.
+// T is __half or __nv_bfloat16; D is 64 or 128.
+template <typename T, int D>
+void run_forward(const Params& p, cudaStream_t stream);
+
+template <typename T, int D>
+void run_backward(const Params& p, cudaStream_t stream);
+
+}  // namespace mmkernels::attention

@@ -1,0 +1,166 @@
+// CUDA cross-attention: checks the tensors, fills attention::Params and launches the
+// tensor-core kernels of csrc/cuda/attention on the current stream.
+//
+// Supported here: float16 and bfloat16, head dims 64 and 128, every row 16-byte aligned (the
+// kernels move data with 16-byte cp.async). The Python dispatch (mmkernels/backends/native.py)
+// says so before it gets here; these checks guard direct calls of the native op.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "../common.h"
+#include "attention/params.h"
+
+namespace mmkernels {
+namespace {
+
+using attention::Operand;
+using attention::Params;
+
+void check_supported(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "the cuda cross_attention kernel takes float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "the cuda cross_attention kernel takes head dims 64 and 128, got ",
+              q.size(3));
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, "the cuda cross_attention kernel takes at most 65535 batches and heads, got B=",
+              q.size(0), ", H=", q.size(1));
+}
+
+bool rows_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+Operand operand(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type(), name, " must be ", q.scalar_type(),
+              " on ", q.device(), " like q, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(3) == q.size(3), name, " must be (B, H, L, D=", q.size(3), "), got ", t.sizes());
+  check_last_dim_contiguous(t, name);
+  TORCH_CHECK(rows_aligned(t), name, " must have a 16-byte aligned start and batch/head/row strides that are multiples of 8 ",
+              "elements for the cuda backend, got strides ", t.strides());
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Fills everything but the outputs. The int64 copies of the lengths must outlive the launch.
+Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_len,
+                   const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& q_len, double scale) {
+  Params p;
+  p.q = operand(q, q, "q");
+  p.k = operand(k, q, "k");
+  p.v = operand(v, q, "v");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "k and v must be (B, Hkv, Lk, D) with Hq % Hkv == 0, got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(),
+              "sequence lengths must fit in int32, got Lq=", q.size(2), ", Lk=", k.size(2));
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.Hkv = k.size(1);
+  p.Lk = k.size(2);
+  p.scale = static_cast<float>(scale);
+  p.kv_lengths = kv_len.defined() ? kv_len.data_ptr<int64_t>() : nullptr;
+  p.q_lengths = q_len.defined() ? q_len.data_ptr<int64_t>() : nullptr;
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == p.B &&
+                    m.size(1) == p.Lk,
+                "key_padding_mask must be bool (B, Lk) on q's device, got ", m.scalar_type(), " ", m.sizes(), " on ",
+                m.device());
+    p.mask = m.data_ptr<bool>();
+    p.mask_sb = m.stride(0);
+    p.mask_sk = m.stride(1);
+  }
+  return p;
+}
+
+template <int D>
+void run_head_dim(bool backward, at::ScalarType dtype, const Params& p, cudaStream_t stream) {
+  if (dtype == at::kHalf) {
+    backward ? attention::run_backward<__half, D>(p, stream) : attention::run_forward<__half, D>(p, stream);
+  } else {
+    backward ? attention::run_backward<__nv_bfloat16, D>(p, stream)
+             : attention::run_forward<__nv_bfloat16, D>(p, stream);
+  }
+}
+
+void run(bool backward, const at::Tensor& q, const Params& p) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (q.size(3) == 64) {
+    run_head_dim<64>(backward, q.scalar_type(), p, stream);
+  } else {
+    run_head_dim<128>(backward, q.scalar_type(), p, stream);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const c10::optional<at::Tensor>& kv_lengths,
+                                                        const c10::optional<at::Tensor>& key_padding_mask,
+                                                        const c10::optional<at::Tensor>& q_lengths, double scale) {
+  check_supported(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || k.numel() == 0) {  // nothing to attend to: 0 and +inf
+    return {out.zero_(), lse.fill_(std::numeric_limits<float>::infinity())};
+  }
+  const at::Tensor kv_len = lengths_as_int64(kv_lengths);
+  const at::Tensor q_len = lengths_as_int64(q_lengths);
+  Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, scale);
+  p.out = operand(out, q, "out");
+  p.lse = lse.data_ptr<float>();
+  run(false, q, p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& kv_lengths,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths, double scale) {
+  check_supported(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor grad_q = at::empty_like(q);
+  at::Tensor grad_k = at::empty_like(k);
+  at::Tensor grad_v = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == q.sizes().slice(0, 3),
+              "lse must be the contiguous float32 (B, Hq, Lq) log-sum-exp of the forward, got ", lse.scalar_type(), " ",
+              lse.sizes());
+  // Autograd hands over the gradient in whatever layout it made; copying a misaligned one is
+  // cheaper than refusing it, and the gradients of q, k and v stay in their inputs' layouts.
+  const at::Tensor dout = grad_out.dim() == 4 && grad_out.stride(3) == 1 && rows_aligned(grad_out)
+                              ? grad_out
+                              : at::empty_like(grad_out, at::MemoryFormat::Contiguous).copy_(grad_out);
+  const at::Tensor kv_len = lengths_as_int64(kv_lengths);
+  const at::Tensor q_len = lengths_as_int64(q_lengths);
+  at::Tensor delta = at::empty_like(lse);
+  Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, scale);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape ",
+              q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  p.out = operand(out, q, "out");
+  p.dout = operand(dout, q, "grad_out");
+  p.dq = operand(grad_q, q, "grad_q");
+  p.dk = operand(grad_k, q, "grad_k");
+  p.dv = operand(grad_v, q, "grad_v");
+  p.lse = const_cast<float*>(lse.data_ptr<float>());  // read only in the backward
+  p.delta = delta.data_ptr<float>();
+  run(true, q, p);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
+  m.impl("native_cross_attention", &cross_attention_cuda);
+  m.impl("native_cross_attention_backward", &cross_attention_backward_cuda);
+}
+
+}  // namespace mmkernels
