@@ -12,9 +12,11 @@ _native = torch.ops.mmkernels
 CUDA_COMPILED = "cuda" in _C.compiled_backends
 CUDA_MAX_MODALITIES = 8
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
-# The tensor-core attention kernels (csrc/cuda/attention) are compiled in CI but have not yet
-# run on a GPU. Until the GPU suite (tests/test_cuda_backend.py) has passed on one, auto leaves
-# attention on CUDA to the triton backend and only an explicit backend="cuda" runs them.
+# The tensor-core attention kernels (csrc/cuda/attention) are compiled in CI and their logic runs
+# there on the CPU (csrc/test/test_attention_emulated.cpp), but they have not yet run on a GPU:
+# the PTX itself, asynchronous copies and speed are unproven. Until the GPU suite
+# (tests/test_cuda_backend.py) has passed on one, auto leaves attention on CUDA to the triton
+# backend and only an explicit backend="cuda" runs them.
 CUDA_ATTENTION_VERIFIED = False
 
 

@@ -242,9 +242,8 @@ template <typename T, int D>
 void run_backward(const Params& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 8;  // one warp per row
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
-  delta_kernel<T, D><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), kRowsPerBlock * kWarpSize, 0,
-                       stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(delta_kernel<T, D>, dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)),
+         kRowsPerBlock * kWarpSize, 0, stream, p);
   if (p.mask != nullptr) {
     launch_backward<T, D, true>(p, stream);
   } else {

@@ -6,7 +6,6 @@
 // different banks.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -203,6 +202,13 @@ __device__ __forceinline__ void store_rows(T* g, int64_t row_stride, const float
   }
 }
 
+#ifndef MMKERNELS_EMULATE_GPU  // the emulator brings its own launch()
+}  // namespace mmkernels::attention
+
+#include <c10/cuda/CUDAException.h>
+
+namespace mmkernels::attention {
+
 // Launches on `stream` with `smem_bytes` of dynamic shared memory (above the default 48 KiB
 // needs the opt-in, which is per kernel and cheap to repeat) and checks the launch.
 template <typename Kernel>
@@ -211,5 +217,6 @@ void launch(Kernel* kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t
   kernel<<<grid, threads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+#endif
 
 }  // namespace mmkernels::attention

@@ -1,0 +1,221 @@
+// The CUDA attention kernels, run on the CPU by gpu_emulator.h through their real launchers
+// (run_forward / run_backward), against attention computed in double: outputs, log-sum-exp and
+// all three gradients, over GQA, strided layouts, kv_lengths, key_padding_mask, q_lengths,
+// a batch with no visible key, and tails of both lengths.
+#include "gpu_emulator.h"
+
+#include "../cuda/attention/backward.cuh"
+#include "../cuda/attention/forward.cuh"
+
+#include <cstdio>
+#include <random>
+#include <string>
+
+namespace {
+
+using mmkernels::attention::Operand;
+using mmkernels::attention::Params;
+
+struct Case {
+  std::string name;
+  int B, Hq, Hkv, Lq, Lk;
+  bool kv_lengths, mask, q_lengths, blhd;  // blhd: (B, L, H, D) storage seen as (B, H, L, D)
+};
+
+// A (B, H, L, D) operand in T over its own storage, in either layout.
+template <typename T>
+struct Tensor {
+  int B, H, L, D;
+  bool blhd;
+  std::vector<T> data;
+  Tensor(int B, int H, int L, int D, bool blhd) : B(B), H(H), L(L), D(D), blhd(blhd), data(size_t(B) * H * L * D) {}
+  Operand operand() {
+    if (blhd) return {data.data(), int64_t(L) * H * D, D, int64_t(H) * D};
+    return {data.data(), int64_t(H) * L * D, int64_t(L) * D, D};
+  }
+  T& at(int b, int h, int i, int d) {
+    const Operand o = operand();
+    return data[b * o.sb + h * o.sh + i * o.sl + d];
+  }
+  double get(int b, int h, int i, int d) { return static_cast<double>(static_cast<float>(at(b, h, i, d))); }
+};
+
+struct Reference {
+  std::vector<double> out, lse, dq, dk, dv;  // (B, H, L, D) contiguous; lse (B, Hq, Lq)
+};
+
+template <typename T>
+Reference attention(const Case& c, int D, Tensor<T>& q, Tensor<T>& k, Tensor<T>& v, Tensor<T>& dout,
+                    const std::vector<int64_t>& kv_len, const std::vector<int64_t>& q_len, const std::vector<uint8_t>& mask,
+                    double scale) {
+  Reference r;
+  r.out.assign(size_t(c.B) * c.Hq * c.Lq * D, 0);
+  r.dq.assign(r.out.size(), 0);
+  r.lse.assign(size_t(c.B) * c.Hq * c.Lq, INFINITY);
+  r.dk.assign(size_t(c.B) * c.Hkv * c.Lk * D, 0);
+  r.dv.assign(r.dk.size(), 0);
+  const int group = c.Hq / c.Hkv;
+  std::vector<double> p(c.Lk), dp(c.Lk);
+  for (int b = 0; b < c.B; ++b) {
+    for (int h = 0; h < c.Hq; ++h) {
+      const int hk = h / group;
+      for (int i = 0; i < q_len[b]; ++i) {
+        double mx = -INFINITY;
+        for (int j = 0; j < c.Lk; ++j) {
+          const bool visible = j < kv_len[b] && !mask[b * c.Lk + j];
+          double s = 0;
+          for (int d = 0; d < D; ++d) s += q.get(b, h, i, d) * k.get(b, hk, j, d);
+          p[j] = visible ? s * scale : -INFINITY;
+          mx = std::max(mx, p[j]);
+        }
+        if (mx == -INFINITY) continue;  // no visible key: 0, +inf, no gradient
+        double sum = 0;
+        for (int j = 0; j < c.Lk; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        const size_t row = ((size_t(b) * c.Hq + h) * c.Lq + i);
+        r.lse[row] = mx + std::log(sum);
+        double delta = 0;  // hidden keys (p = 0) are skipped: their values may be NaN
+        for (int j = 0; j < c.Lk; ++j) {
+          p[j] /= sum;
+          dp[j] = 0;
+          if (p[j] == 0) continue;
+          for (int d = 0; d < D; ++d) dp[j] += dout.get(b, h, i, d) * v.get(b, hk, j, d);
+          delta += p[j] * dp[j];
+        }
+        for (int j = 0; j < c.Lk; ++j) {
+          if (p[j] == 0) continue;
+          const double ds = p[j] * (dp[j] - delta);
+          const size_t kv_row = (size_t(b) * c.Hkv + hk) * c.Lk + j;
+          for (int d = 0; d < D; ++d) {
+            r.out[row * D + d] += p[j] * v.get(b, hk, j, d);
+            r.dq[row * D + d] += scale * ds * k.get(b, hk, j, d);
+            r.dk[kv_row * D + d] += scale * ds * q.get(b, h, i, d);
+            r.dv[kv_row * D + d] += p[j] * dout.get(b, h, i, d);
+          }
+        }
+      }
+    }
+  }
+  return r;
+}
+
+int failures = 0;
+
+// Largest |got - want| against tol * max(1, max |want|), and exact zeros in the rows the padding
+// contract zeroes: zero_row[b * L + i].
+template <typename T>
+void compare(const std::string& what, Tensor<T>& got, const std::vector<double>& want, const std::vector<bool>& zero_row,
+             double tol) {
+  double err = 0, scale = 1;
+  bool zeros_ok = true;
+  for (int b = 0; b < got.B; ++b)
+    for (int h = 0; h < got.H; ++h)
+      for (int i = 0; i < got.L; ++i)
+        for (int d = 0; d < got.D; ++d) {
+          const double w = want[((size_t(b) * got.H + h) * got.L + i) * got.D + d], g = got.get(b, h, i, d);
+          err = std::max(err, std::isnan(g) ? INFINITY : std::abs(g - w));
+          scale = std::max(scale, std::abs(w));
+          if (zero_row[size_t(b) * got.L + i] && g != 0) zeros_ok = false;
+        }
+  const bool ok = err <= tol * scale && zeros_ok;
+  std::printf("  %-6s max err %.3g (bound %.3g)%s %s\n", what.c_str(), err, tol * scale, zeros_ok ? "" : ", padding not 0",
+              ok ? "ok" : "FAILED");
+  failures += !ok;
+}
+
+template <typename T, int D>
+void run_case(const Case& c, const char* dtype, double tol) {
+  std::printf("%s %s D=%d\n", c.name.c_str(), dtype, D);
+  std::mt19937 gen(1234);
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> uniform;
+  Tensor<T> q(c.B, c.Hq, c.Lq, D, c.blhd), k(c.B, c.Hkv, c.Lk, D, c.blhd), v(c.B, c.Hkv, c.Lk, D, c.blhd);
+  Tensor<T> dout(c.B, c.Hq, c.Lq, D, false);
+  for (auto* t : {&q, &k, &v, &dout})
+    for (auto& x : t->data) x = T(normal(gen));
+  std::vector<int64_t> kv_len(c.B, c.Lk), q_len(c.B, c.Lq);
+  std::vector<uint8_t> mask(size_t(c.B) * c.Lk, 0);
+  for (int b = 0; b < c.B; ++b) {
+    if (c.kv_lengths) kv_len[b] = b == 0 ? 0 : 1 + int(uniform(gen) * c.Lk) % c.Lk;  // batch 0 sees nothing
+    if (c.q_lengths) q_len[b] = int(uniform(gen) * (c.Lq + 1)) % (c.Lq + 1);
+    if (c.mask)
+      for (int j = 0; j < c.Lk; ++j) mask[b * c.Lk + j] = uniform(gen) < 0.3f;
+  }
+  // Padded keys hold NaN: they must never reach a result.
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hkv; ++h)
+      for (int j = kv_len[b]; j < c.Lk; ++j)
+        for (int d = 0; d < D; ++d) k.at(b, h, j, d) = v.at(b, h, j, d) = T(NAN);
+
+  const double scale = 1.0 / std::sqrt(double(D));
+  Tensor<T> out(c.B, c.Hq, c.Lq, D, c.blhd), dq(c.B, c.Hq, c.Lq, D, c.blhd);
+  Tensor<T> dk(c.B, c.Hkv, c.Lk, D, c.blhd), dv(c.B, c.Hkv, c.Lk, D, c.blhd);
+  std::vector<float> lse(size_t(c.B) * c.Hq * c.Lq), delta(lse.size());
+  std::unique_ptr<bool[]> mask_data(new bool[mask.size()]);
+  for (size_t i = 0; i < mask.size(); ++i) mask_data[i] = mask[i];
+
+  Params p;
+  p.q = q.operand();
+  p.k = k.operand();
+  p.v = v.operand();
+  p.out = out.operand();
+  p.dout = dout.operand();
+  p.dq = dq.operand();
+  p.dk = dk.operand();
+  p.dv = dv.operand();
+  p.lse = lse.data();
+  p.delta = delta.data();
+  p.kv_lengths = c.kv_lengths ? kv_len.data() : nullptr;
+  p.q_lengths = c.q_lengths ? q_len.data() : nullptr;
+  p.mask = c.mask ? mask_data.get() : nullptr;
+  p.mask_sb = c.Lk;
+  p.mask_sk = 1;
+  p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Lq = c.Lq, p.Lk = c.Lk;
+  p.scale = static_cast<float>(scale);
+  mmkernels::attention::run_forward<T, D>(p, nullptr);
+  mmkernels::attention::run_backward<T, D>(p, nullptr);
+
+  const Reference r = attention(c, D, q, k, v, dout, kv_len, q_len, mask, scale);
+  // Padded queries and queries that see no key; hidden keys and keys that no query sees.
+  std::vector<bool> zero_q(size_t(c.B) * c.Lq), zero_k(size_t(c.B) * c.Lk);
+  for (int b = 0; b < c.B; ++b) {
+    bool any_key = false;
+    for (int j = 0; j < c.Lk; ++j) {
+      zero_k[size_t(b) * c.Lk + j] = j >= kv_len[b] || mask[size_t(b) * c.Lk + j] || q_len[b] == 0;
+      any_key |= !zero_k[size_t(b) * c.Lk + j];
+    }
+    for (int i = 0; i < c.Lq; ++i) zero_q[size_t(b) * c.Lq + i] = i >= q_len[b] || !any_key;
+  }
+  compare("out", out, r.out, zero_q, tol);
+  double lse_err = 0;
+  bool lse_inf_ok = true;
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(r.lse[i])) {
+      lse_inf_ok &= std::isinf(lse[i]) && lse[i] > 0;
+    } else {
+      lse_err = std::max(lse_err, std::abs(double(lse[i]) - r.lse[i]));
+    }
+  }
+  const bool lse_ok = lse_err <= 1e-3 && lse_inf_ok;  // fp32 statistics of exact products
+  std::printf("  lse    max err %.3g%s %s\n", lse_err, lse_inf_ok ? "" : ", +inf rows wrong", lse_ok ? "ok" : "FAILED");
+  failures += !lse_ok;
+  compare("dq", dq, r.dq, zero_q, tol);
+  compare("dk", dk, r.dk, zero_k, tol);
+  compare("dv", dv, r.dv, zero_k, tol);
+}
+
+}  // namespace
+
+int main() {
+  const Case plain{"plain", 1, 2, 2, 70, 130, false, false, false, false};
+  const Case ragged{"gqa+kv_lengths+mask+q_lengths, blhd", 3, 4, 2, 37, 129, true, true, true, true};
+  const Case gqa{"gqa 4:1 + kv_lengths, Lq > Lk", 2, 4, 1, 80, 65, true, false, false, true};
+  const Case single{"Lq = Lk = 1 + mask", 2, 2, 2, 1, 1, false, true, false, false};
+  // fp16 keeps 11 bits and bf16 8: P, dS and the outputs are rounded once each to them.
+  run_case<__half, 64>(plain, "fp16", 3e-3);
+  run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2);
+  run_case<__half, 128>(ragged, "fp16", 3e-3);
+  run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2);
+  run_case<__half, 64>(single, "fp16", 3e-3);
+  std::printf(failures ? "%d FAILED\n" : "all passed\n", failures);
+  return failures ? 1 : 0;
+}
