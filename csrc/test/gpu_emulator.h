@@ -1,5 +1,5 @@
-// Runs the CUDA attention kernels on the CPU, so that their logic (tiling, masking, the online
-// softmax, the fragment layouts, the pipeline's buffer indices, every store) is tested on
+// Runs our CUDA kernels on the CPU, so that their logic (tiling, masking, the online softmax, the
+// fragment layouts, the pipeline's buffer indices, vector widths, every store) is tested on
 // machines without a GPU. Include it before the kernel headers.
 //
 // Each CUDA thread is a std::thread; __syncthreads is a barrier over the CTA and every
@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -35,7 +36,7 @@ namespace emu {
 
 inline thread_local uint3 thread_idx;
 inline uint3 block_idx;
-inline dim3 block_dim;
+inline dim3 block_dim, grid_dim;
 
 constexpr int kWarp = 32;
 
@@ -89,13 +90,41 @@ float to_float(uint16_t bits) {
   }
 }
 
+// Runs kernel(args...) over the grid: CTA after CTA, one std::thread per CUDA thread;
+// before_cta() runs before each CTA starts.
+template <typename Kernel, typename BeforeCta, typename... Args>
+void run_grid(Kernel* kernel, dim3 grid, int threads, BeforeCta&& before_cta, const Args&... args) {
+  block_dim = dim3(threads);
+  grid_dim = grid;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Cta this_cta(threads);
+        cta = &this_cta;
+        block_idx = make_uint3(x, y, z);
+        before_cta();
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            thread_idx = make_uint3(t, 0, 0);
+            kernel(args...);
+          });
+        }
+        for (auto& th : pool) th.join();
+      }
+    }
+  }
+}
+
 }  // namespace emu
 
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
+#define gridDim emu::grid_dim
 
 inline void __syncthreads() { emu::cta->sync.arrive_and_wait(); }
+inline float __expf(float x) { return std::exp(x); }
 
 inline float __shfl_xor_sync(unsigned, float x, int offset) {
   float out;
@@ -168,29 +197,12 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
       });
 }
 
-// The kernel launch: CTA after CTA, one std::thread per CUDA thread.
+// attention's launch(): the dynamic shared memory starts each CTA as NaN-ish garbage, as a GPU's
+// might.
 template <typename Kernel, typename P>
 void launch(Kernel* kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t, const P& p) {
   if (smem_bytes > static_cast<int>(sizeof(smem))) throw std::runtime_error("emulated shared memory is too small");
-  emu::block_dim = dim3(threads);
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        emu::Cta cta(threads);
-        emu::cta = &cta;
-        emu::block_idx = make_uint3(x, y, z);
-        std::memset(smem, 0xff, sizeof(smem));  // NaN-ish garbage, as a GPU would leave
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            emu::thread_idx = make_uint3(t, 0, 0);
-            kernel(p);
-          });
-        }
-        for (auto& th : pool) th.join();
-      }
-    }
-  }
+  emu::run_grid(kernel, grid, threads, [] { std::memset(smem, 0xff, sizeof(smem)); }, p);
 }
 
 }  // namespace mmkernels::attention
