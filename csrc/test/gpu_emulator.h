@@ -5,9 +5,10 @@
 // Each CUDA thread is a std::thread; __syncthreads is a barrier over the CTA and every
 // warp-collective instruction (shuffle, ldmatrix, mma.sync) is a barrier over the warp around an
 // exchange through shared scratch, computed as the PTX ISA defines it. CTAs run one after
-// another. What it cannot find: cp.async completes at once here, so a missing wait or a race
-// on shared memory goes unnoticed (compute-sanitizer's racecheck on a GPU finds those), and the
-// asm strings of ptx.cuh are not executed.
+// another. cp.async completes at once, or with emu::lazy_copies only at the wait that forces it,
+// which exposes a missing wait. What it cannot find: a race between threads on shared memory
+// that the OS scheduling does not happen to expose (compute-sanitizer's racecheck on a GPU
+// finds those), and the asm strings of ptx.cuh, which are not executed.
 #pragma once
 
 #define MMKERNELS_EMULATE_GPU 1
@@ -17,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -56,6 +58,34 @@ struct Cta {
 };
 
 inline Cta* cta = nullptr;
+
+// cp.async: with lazy_copies a thread's copies land only when its cp.async.wait_group forces
+// their group, the latest a GPU may deliver them, so reading a buffer before waiting for it
+// sees stale data. Without, they land at once (a write-after-read hazard then shows instead,
+// if the threads happen to interleave badly).
+inline bool lazy_copies = false;
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+struct PendingCopies {
+  std::vector<Copy> open;                 // issued since the last commit
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+inline thread_local PendingCopies pending;
+inline std::atomic<bool> unfinished_copies{false};  // a thread exited with copies never waited for
+
+inline void copy16(void* dst, const void* src, bool valid) {
+  if (valid) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+}
 
 inline int lane() { return static_cast<int>(thread_idx.x) % kWarp; }
 inline Warp& warp() { return *cta->warps[thread_idx.x / kWarp]; }
@@ -107,7 +137,9 @@ void run_grid(Kernel* kernel, dim3 grid, int threads, BeforeCta&& before_cta, co
         for (int t = 0; t < threads; ++t) {
           pool.emplace_back([&, t] {
             thread_idx = make_uint3(t, 0, 0);
+            pending = {};
             kernel(args...);
+            if (!pending.open.empty() || !pending.groups.empty()) unfinished_copies = true;
           });
         }
         for (auto& th : pool) th.join();
@@ -137,15 +169,20 @@ namespace mmkernels::attention {
 alignas(16) inline unsigned char smem[256 * 1024];  // the dynamic shared memory of the running CTA
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (valid) {
-    std::memcpy(dst, src, 16);
-  } else {
-    std::memset(dst, 0, 16);
+  if (!emu::lazy_copies) return emu::copy16(dst, src, valid);
+  emu::pending.open.push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+  if (emu::lazy_copies) emu::pending.groups.push_back(std::move(emu::pending.open)), emu::pending.open.clear();
+}
+template <int kPending>
+void cp_async_wait() {
+  auto& groups = emu::pending.groups;
+  while (static_cast<int>(groups.size()) > kPending) {
+    for (const auto& c : groups.front()) emu::copy16(c.dst, c.src, c.valid);
+    groups.erase(groups.begin());
   }
 }
-inline void cp_async_commit() {}
-template <int kPending>
-void cp_async_wait() {}
 
 // Register i of lane l: matrix i's row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1, where row r of
 // matrix i starts at the address lane 8 i + r gave.

@@ -210,12 +210,21 @@ int main() {
   const Case ragged{"gqa+kv_lengths+mask+q_lengths, blhd", 3, 4, 2, 37, 129, true, true, true, true};
   const Case gqa{"gqa 4:1 + kv_lengths, Lq > Lk", 2, 4, 1, 80, 65, true, false, false, true};
   const Case single{"Lq = Lk = 1 + mask", 2, 2, 2, 1, 1, false, true, false, false};
-  // fp16 keeps 11 bits and bf16 8: P, dS and the outputs are rounded once each to them.
-  run_case<__half, 64>(plain, "fp16", 3e-3);
-  run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2);
-  run_case<__half, 128>(ragged, "fp16", 3e-3);
-  run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2);
-  run_case<__half, 64>(single, "fp16", 3e-3);
+  // Once with copies landing at once, once landing only when waited for (gpu_emulator.h).
+  for (const bool lazy : {false, true}) {
+    emu::lazy_copies = lazy;
+    std::printf("== cp.async copies land %s\n", lazy ? "when waited for" : "at once");
+    // fp16 keeps 11 bits and bf16 8: P, dS and the outputs are rounded once each to them.
+    run_case<__half, 64>(plain, "fp16", 3e-3);
+    run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2);
+    run_case<__half, 128>(ragged, "fp16", 3e-3);
+    run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2);
+    run_case<__half, 64>(single, "fp16", 3e-3);
+  }
+  if (emu::unfinished_copies) {
+    std::printf("a thread exited with cp.async copies it never waited for\n");
+    ++failures;
+  }
   std::printf(failures ? "%d FAILED\n" : "all passed\n", failures);
   return failures ? 1 : 0;
 }
