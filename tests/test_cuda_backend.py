@@ -85,6 +85,9 @@ ATTENTION_CASES = [
     Case(D=128, B=3, kv_lengths=True, q_lengths=True, empty_row=True, key_padding_mask=True),
     Case(D=64, Lq=1, Lk=1),
     Case(D=128, Hq=2, Hkv=2, Lq=300, Lk=65, layout="blhd", kv_lengths=True),
+    # Few query blocks over many keys: the forward splits the keys among CTAs and merges them.
+    Case(D=128, B=1, Hq=2, Hkv=1, Lq=16, Lk=2000, kv_lengths=True, key_padding_mask=True),
+    Case(D=64, B=2, Hq=1, Hkv=1, Lq=5, Lk=4096, q_lengths=True),
 ]
 
 

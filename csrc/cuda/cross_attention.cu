@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -81,6 +82,20 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
+// Few query blocks over many keys (a short text attending to a long image or audio sequence)
+// would leave most SMs idle with one CTA per query block: the key tiles are then shared among up
+// to kMaxKvSplits CTAs, about one wave in all, at least two tiles each. Decided on shapes only,
+// never on kv_lengths values, so there is no host sync and CUDA graphs replay it unchanged.
+int choose_kv_splits(const Params& p) {
+  using attention::kForwardBlockM;
+  using attention::kForwardBlockN;
+  const int64_t q_blocks = int64_t(p.B) * p.Hq * ((p.Lq + kForwardBlockM - 1) / kForwardBlockM);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t key_tiles = (p.Lk + kForwardBlockN - 1) / kForwardBlockN;
+  const int64_t for_one_wave = (sms + q_blocks - 1) / q_blocks;
+  return static_cast<int>(std::clamp<int64_t>(std::min(for_one_wave, key_tiles / 2), 1, attention::kMaxKvSplits));
+}
+
 template <int D>
 void run_head_dim(bool backward, at::ScalarType dtype, const Params& p, cudaStream_t stream) {
   if (dtype == at::kHalf) {
@@ -116,6 +131,14 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, con
   Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, scale);
   p.out = operand(out, q, "out");
   p.lse = lse.data_ptr<float>();
+  p.kv_splits = choose_kv_splits(p);
+  at::Tensor partial_out, partial_lse;  // the splits' results, merged by the combine kernel
+  if (p.kv_splits > 1) {
+    partial_out = at::empty({p.kv_splits, p.B, p.Hq, p.Lq, q.size(3)}, lse.options());
+    partial_lse = at::empty({p.kv_splits, p.B, p.Hq, p.Lq}, lse.options());
+    p.partial_out = partial_out.data_ptr<float>();
+    p.partial_lse = partial_lse.data_ptr<float>();
+  }
   run(false, q, p);
   return {out, lse};
 }

@@ -123,8 +123,8 @@ void compare(const std::string& what, Tensor<T>& got, const std::vector<double>&
 }
 
 template <typename T, int D>
-void run_case(const Case& c, const char* dtype, double tol) {
-  std::printf("%s %s D=%d\n", c.name.c_str(), dtype, D);
+void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
+  std::printf("%s %s D=%d, %d key split%s\n", c.name.c_str(), dtype, D, kv_splits, kv_splits > 1 ? "s" : "");
   std::mt19937 gen(1234);
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<float> uniform;
@@ -171,6 +171,10 @@ void run_case(const Case& c, const char* dtype, double tol) {
   p.mask_sk = 1;
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Lq = c.Lq, p.Lk = c.Lk;
   p.scale = static_cast<float>(scale);
+  std::vector<float> partial_out(size_t(kv_splits) * c.B * c.Hq * c.Lq * D, NAN), partial_lse(size_t(kv_splits) * lse.size(), NAN);
+  p.kv_splits = kv_splits;
+  p.partial_out = partial_out.data();
+  p.partial_lse = partial_lse.data();
   mmkernels::attention::run_forward<T, D>(p, nullptr);
   mmkernels::attention::run_backward<T, D>(p, nullptr);
 
@@ -210,16 +214,20 @@ int main() {
   const Case ragged{"gqa+kv_lengths+mask+q_lengths, blhd", 3, 4, 2, 37, 129, true, true, true, true};
   const Case gqa{"gqa 4:1 + kv_lengths, Lq > Lk", 2, 4, 1, 80, 65, true, false, false, true};
   const Case single{"Lq = Lk = 1 + mask", 2, 2, 2, 1, 1, false, true, false, false};
-  // Once with copies landing at once, once landing only when waited for (gpu_emulator.h).
+  // The forward with all keys in one CTA and split three ways (empty splits included), with
+  // copies landing at once; then once more with copies landing only when waited for
+  // (gpu_emulator.h), unsplit so that every pipeline has several steps.
   for (const bool lazy : {false, true}) {
     emu::lazy_copies = lazy;
     std::printf("== cp.async copies land %s\n", lazy ? "when waited for" : "at once");
-    // fp16 keeps 11 bits and bf16 8: P, dS and the outputs are rounded once each to them.
-    run_case<__half, 64>(plain, "fp16", 3e-3);
-    run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2);
-    run_case<__half, 128>(ragged, "fp16", 3e-3);
-    run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2);
-    run_case<__half, 64>(single, "fp16", 3e-3);
+    for (const int splits : lazy ? std::vector<int>{1} : std::vector<int>{1, 3}) {
+      // fp16 keeps 11 bits and bf16 8: P, dS and the outputs are rounded once each to them.
+      run_case<__half, 64>(plain, "fp16", 3e-3, splits);
+      run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2, splits);
+      run_case<__half, 128>(ragged, "fp16", 3e-3, splits);
+      run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2, splits);
+      run_case<__half, 64>(single, "fp16", 3e-3, splits);
+    }
   }
   if (emu::unfinished_copies) {
     std::printf("a thread exited with cp.async copies it never waited for\n");

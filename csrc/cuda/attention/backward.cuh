@@ -40,13 +40,11 @@ __device__ __forceinline__ float warp_sum(float x) {
 // delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32; one warp per query row.
 template <typename T, int D>
 __global__ void delta_kernel(const Params p) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const QueryRow row = query_row(p, blockDim.x / kWarpSize);
+  if (row.index < 0) return;  // the same for the whole warp
   const int lane = threadIdx.x % kWarpSize;
-  if (row >= static_cast<int64_t>(p.B) * p.Hq * p.Lq) return;  // the same for the whole warp
-  const int i = static_cast<int>(row % p.Lq);
-  const int h = static_cast<int>(row / p.Lq % p.Hq), b = static_cast<int>(row / p.Lq / p.Hq);
-  const T* dout = p.dout.rows<T>(b, h) + i * p.dout.sl;
-  const T* out = p.out.rows<T>(b, h) + i * p.out.sl;
+  const T* dout = p.dout.rows<T>(row.b, row.h) + row.i * p.dout.sl;
+  const T* out = p.out.rows<T>(row.b, row.h) + row.i * p.out.sl;
   float acc = 0.f;
   for (int d = 2 * lane; d < D; d += 2 * kWarpSize) {
     const float2 x = unpack2<T>(*reinterpret_cast<const uint32_t*>(dout + d));
@@ -54,7 +52,7 @@ __global__ void delta_kernel(const Params p) {
     acc += x.x * y.x + x.y * y.y;
   }
   acc = warp_sum(acc);
-  if (lane == 0) p.delta[row] = acc;
+  if (lane == 0) p.delta[row.index] = acc;
 }
 
 // dS = P (dP - delta), exactly 0 where P is.
@@ -171,7 +169,7 @@ __global__ void __launch_bounds__(BackwardConfig<D>::kThreads) dq_kernel(const P
   T* sK = sdO + C::kQueries * C::kLd;  // two buffers of kKeys rows
   T* sV = sK + 2 * C::kKeys * C::kLd;  // two buffers
 
-  const QueryBlock blk = query_block<C::kQueries>(p);
+  const QueryBlock blk = query_block<C::kQueries>(p, blockIdx.x);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   T* dq = p.dq.rows<T>(blk.b, blk.h) + blk.row0 * p.dq.sl;
   if (blk.valid == 0 || blk.n_keys == 0) {

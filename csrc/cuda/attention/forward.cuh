@@ -16,8 +16,9 @@ template <int D>
 struct ForwardConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = 64;
+  static constexpr int kBlockM = kForwardBlockM;
+  static constexpr int kBlockN = kForwardBlockN;
+  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
   static constexpr int kLd = D + kPad;
   // Q, then two K buffers and two V buffers, all 2-byte elements.
   static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kLd * 2;
@@ -63,20 +64,29 @@ __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(
   T* sK = sQ + C::kBlockM * C::kLd;      // two buffers of kBlockN rows
   T* sV = sK + 2 * C::kBlockN * C::kLd;  // two buffers
 
-  const QueryBlock blk = query_block<C::kBlockM>(p);
+  const QueryBlock blk = query_block<C::kBlockM>(p, blockIdx.x / p.kv_splits);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  // This CTA's share of the key tiles: all of them, or split `split` of kv_splits.
+  const int split = blockIdx.x % p.kv_splits;
+  const int n_tiles = (blk.n_keys + C::kBlockN - 1) / C::kBlockN;
+  const int per_split = (n_tiles + p.kv_splits - 1) / p.kv_splits;
+  const int first = split * per_split, last = min(n_tiles, first + per_split);
+  const bool partial = p.kv_splits > 1;
+
+  const int64_t stats = (static_cast<int64_t>(blk.b) * p.Hq + blk.h) * p.Lq + blk.row0;
+  const int64_t plane = static_cast<int64_t>(p.B) * p.Hq * p.Lq;  // rows of one split's partials
+  float* lse = partial ? p.partial_lse + split * plane + stats : p.lse + stats;
   T* out = p.out.rows<T>(blk.b, blk.h) + blk.row0 * p.out.sl;
-  float* lse = p.lse + (static_cast<int64_t>(blk.b) * p.Hq + blk.h) * p.Lq + blk.row0;
-  if (blk.valid == 0 || blk.n_keys == 0) {  // padded queries, or no key to see: 0 and +inf
-    zero_rows<T, D, C::kThreads>(out, p.out.sl, blk.rows);
-    for (int r = threadIdx.x; r < blk.rows; r += C::kThreads) lse[r] = INFINITY;
+  if (blk.valid == 0 || first >= last) {  // padded queries, or no key here: 0 and +inf (-inf: nothing to merge)
+    if (!partial) zero_rows<T, D, C::kThreads>(out, p.out.sl, blk.rows);
+    for (int r = threadIdx.x; r < blk.rows; r += C::kThreads) lse[r] = partial ? -INFINITY : INFINITY;
     return;
   }
 
   const T* k = p.k.rows<T>(blk.b, blk.hk);
   const T* v = p.v.rows<T>(blk.b, blk.hk);
-  auto load_kv = [&](int tile, int buf) {
-    load_kv_tile<T, C::kBlockN, D, C::kThreads>(sK, sV, k, v, p, blk.n_keys, tile, buf);
+  auto load_kv = [&](int t, int buf) {
+    load_kv_tile<T, C::kBlockN, D, C::kThreads>(sK, sV, k, v, p, blk.n_keys, first + t, buf);
   };
   load_tile<T, C::kBlockM, D, C::kThreads>(sQ, p.q.rows<T>(blk.b, blk.h) + blk.row0 * p.q.sl, p.q.sl, blk.valid);
 
@@ -87,12 +97,12 @@ __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(
   float m[2] = {-INFINITY, -INFINITY};  // running row max, base-2 units
   float l[2] = {0.f, 0.f};
 
-  pipeline((blk.n_keys + C::kBlockN - 1) / C::kBlockN, load_kv, [&](int t, int buf) {
+  pipeline(last - first, load_kv, [&](int t, int buf) {
     float s[C::kBlockN / 8][4];
     zero(s);
     mma_a_bt<T, D, C::kBlockN, C::kLd>(s, q_warp, sK + buf * C::kBlockN * C::kLd, lane);
     scale_all(s, scale_log2);  // before hiding keys, so that any scale leaves -inf as it is
-    hide_key_columns<kMask, C::kBlockN>(s, p, blk.b, t * C::kBlockN, blk.n_keys, lane);
+    hide_key_columns<kMask, C::kBlockN>(s, p, blk.b, (first + t) * C::kBlockN, blk.n_keys, lane);
     online_softmax<C::kBlockN, D>(s, o, m, l);
     mma_p_b<T, C::kBlockN, D, C::kLd>(o, s, sV + buf * C::kBlockN * C::kLd, lane);
   });
@@ -108,16 +118,69 @@ __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(
     const bool empty = sum == 0.f || row >= blk.valid;
     if (empty) zero_row(o, r);
     inv[r] = empty ? 0.f : 1.f / sum;
-    if (lane % 4 == 0 && row < blk.rows) lse[row] = empty ? INFINITY : (m[r] + log2f(sum)) * kLn2;
+    const float empty_lse = partial ? -INFINITY : INFINITY;
+    if (lane % 4 == 0 && row < blk.rows) lse[row] = empty ? empty_lse : (m[r] + log2f(sum)) * kLn2;
   }
-  store_rows<T, D>(out, p.out.sl, o, warp * 16, blk.rows, inv, lane);
+  if (!partial) return store_rows<T, D>(out, p.out.sl, o, warp * 16, blk.rows, inv, lane);
+  float* part = p.partial_out + (split * plane + stats) * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + group + 8 * r;
+    if (row >= blk.rows) continue;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      *reinterpret_cast<float2*>(part + row * D + nd * 8 + 2 * (lane % 4)) =
+          make_float2(o[nd][2 * r] * inv[r], o[nd][2 * r + 1] * inv[r]);
+    }
+  }
+}
+
+// Merges the kv_splits partial results of every query row: lse = log sum_s exp(lse_s) and
+// out = sum_s exp(lse_s - lse) out_s. One warp per row; splits with no key (-inf) are skipped,
+// a row with none at all is 0 with lse +inf, and a NaN lse_s makes the row NaN.
+template <typename T, int D>
+__global__ void combine_kernel(const Params p) {
+  const QueryRow row = query_row(p, blockDim.x / kWarpSize);
+  if (row.index < 0) return;  // the same for the whole warp
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t plane = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
+  float mx = -INFINITY;
+  for (int s = 0; s < p.kv_splits; ++s) {
+    const float x = p.partial_lse[s * plane + row.index];
+    mx = (x > mx || x != x) ? x : mx;
+  }
+  T* out = p.out.rows<T>(row.b, row.h) + row.i * p.out.sl;
+  constexpr int kPerLane = D / kWarpSize;  // 2 or 4 consecutive pairs of columns
+  float acc[kPerLane] = {};
+  float total = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < p.kv_splits; ++s) {
+      const float x = p.partial_lse[s * plane + row.index];
+      if (x == -INFINITY) continue;
+      const float w = expf(x - mx);
+      total += w;
+      const float* part = p.partial_out + (s * plane + row.index) * D;
+#pragma unroll
+      for (int c = 0; c < kPerLane; c += 2) {
+        const float2 y = *reinterpret_cast<const float2*>(part + c * kWarpSize + 2 * lane);
+        acc[c] += w * y.x;
+        acc[c + 1] += w * y.y;
+      }
+    }
+  }
+  const float inv = total == 0.f ? 0.f : 1.f / total;
+#pragma unroll
+  for (int c = 0; c < kPerLane; c += 2) {
+    *reinterpret_cast<uint32_t*>(out + c * kWarpSize + 2 * lane) = pack2<T>(acc[c] * inv, acc[c + 1] * inv);
+  }
+  if (lane == 0) p.lse[row.index] = total == 0.f ? INFINITY : mx + logf(total);
 }
 
 template <typename T, int D, bool kMask>
 void launch_forward(const Params& p, cudaStream_t stream) {
   using C = ForwardConfig<D>;
-  launch(forward_kernel<T, D, kMask>, dim3((p.Lq + C::kBlockM - 1) / C::kBlockM, p.Hq, p.B), C::kThreads,
-         C::kSmemBytes, stream, p);
+  launch(forward_kernel<T, D, kMask>, dim3((p.Lq + C::kBlockM - 1) / C::kBlockM * p.kv_splits, p.Hq, p.B),
+         C::kThreads, C::kSmemBytes, stream, p);
 }
 
 template <typename T, int D>
@@ -126,6 +189,12 @@ void run_forward(const Params& p, cudaStream_t stream) {
     launch_forward<T, D, true>(p, stream);
   } else {
     launch_forward<T, D, false>(p, stream);
+  }
+  if (p.kv_splits > 1) {
+    constexpr int kRowsPerBlock = 8;  // one warp per row
+    const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
+    launch(combine_kernel<T, D>, dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)),
+           kRowsPerBlock * kWarpSize, 0, stream, p);
   }
 }
 

@@ -19,6 +19,11 @@ struct Operand {
   }
 };
 
+// The forward's tile sizes (both head dims), which the host needs to choose kv_splits.
+constexpr int kForwardBlockM = 64;
+constexpr int kForwardBlockN = 64;
+constexpr int kMaxKvSplits = 16;
+
 struct Params {
   Operand q, k, v, out;
   Operand dout, dq, dk, dv;         // backward only
@@ -30,6 +35,12 @@ struct Params {
   int64_t mask_sb = 0, mask_sk = 0;
   int B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0;
   float scale = 1.f;
+  // Forward only: the key tiles of each query block are shared among kv_splits CTAs, which
+  // write normalised partial outputs and their log-sum-exp (-inf: no key in that split) to
+  // these contiguous fp32 buffers; a combine kernel merges them into out and lse.
+  int kv_splits = 1;
+  float* partial_out = nullptr;  // (kv_splits, B, Hq, Lq, D)
+  float* partial_lse = nullptr;  // (kv_splits, B, Hq, Lq)
 };
 
 // One explicit instantiation per (T, D, direction), each in its own .cu file, so that the

@@ -140,12 +140,12 @@ struct QueryBlock {
 };
 
 template <int kBlockM>
-__device__ __forceinline__ QueryBlock query_block(const Params& p) {
+__device__ __forceinline__ QueryBlock query_block(const Params& p, int index) {
   QueryBlock q;
   q.b = blockIdx.z;
   q.h = blockIdx.y;
   q.hk = q.h / (p.Hq / p.Hkv);
-  q.row0 = blockIdx.x * kBlockM;
+  q.row0 = index * kBlockM;
   q.rows = min(kBlockM, p.Lq - q.row0);
   q.valid = max(0, min(q.rows, clamp_length(p.q_lengths, q.b, p.Lq) - q.row0));
   q.n_keys = clamp_length(p.kv_lengths, q.b, p.Lk);
@@ -181,6 +181,22 @@ __device__ __forceinline__ void zero_rows(T* g, int64_t row_stride, int rows) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     *reinterpret_cast<uint4*>(g + r * row_stride + col) = make_uint4(0, 0, 0, 0);
   }
+}
+
+// One warp per (batch, head, query) row: its index, or -1 past the last row.
+struct QueryRow {
+  int64_t index;  // into (B, Hq, Lq)
+  int b, h, i;
+};
+
+__device__ __forceinline__ QueryRow query_row(const Params& p, int rows_per_block) {
+  QueryRow r;
+  r.index = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / kWarpSize;
+  if (r.index >= static_cast<int64_t>(p.B) * p.Hq * p.Lq) r.index = -1;
+  r.i = static_cast<int>(r.index % p.Lq);
+  r.h = static_cast<int>(r.index / p.Lq % p.Hq);
+  r.b = static_cast<int>(r.index / p.Lq / p.Hq);
+  return r;
 }
 
 // Stores a warp's 16 x D fp32 accumulator rows times `row_scale` into rows row0 + group and
