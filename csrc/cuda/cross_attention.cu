@@ -10,7 +10,6 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -82,18 +81,9 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
-// Few query blocks over many keys (a short text attending to a long image or audio sequence)
-// would leave most SMs idle with one CTA per query block: the key tiles are then shared among up
-// to kMaxKvSplits CTAs, about one wave in all, at least two tiles each. Decided on shapes only,
-// never on kv_lengths values, so there is no host sync and CUDA graphs replay it unchanged.
 int choose_kv_splits(const Params& p) {
-  using attention::kForwardBlockM;
-  using attention::kForwardBlockN;
-  const int64_t q_blocks = int64_t(p.B) * p.Hq * ((p.Lq + kForwardBlockM - 1) / kForwardBlockM);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t key_tiles = (p.Lk + kForwardBlockN - 1) / kForwardBlockN;
-  const int64_t for_one_wave = (sms + q_blocks - 1) / q_blocks;
-  return static_cast<int>(std::clamp<int64_t>(std::min(for_one_wave, key_tiles / 2), 1, attention::kMaxKvSplits));
+  const int64_t q_blocks = int64_t(p.B) * p.Hq * ((p.Lq + attention::kForwardBlockM - 1) / attention::kForwardBlockM);
+  return attention::kv_splits_for(q_blocks, at::cuda::getCurrentDeviceProperties()->multiProcessorCount, p.Lk);
 }
 
 template <int D>

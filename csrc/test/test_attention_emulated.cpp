@@ -209,7 +209,33 @@ void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
 
 }  // namespace
 
+// The host's choice of key splits (params.h), on an H100's 132 SMs.
+void check_kv_splits() {
+  using mmkernels::attention::kv_splits_for;
+  struct Expect {
+    int64_t q_blocks, lk;
+    int splits;
+  };
+  const Expect cases[] = {
+      {32, 4096, 5},    // B4 H8 Lq16 over 4096 image tokens: ceil(132 / 32) CTAs per block
+      {132, 4096, 1},   // a full wave already
+      {1000, 4096, 1},  // more than a wave
+      {1, 4096, 16},    // one block: capped at kMaxKvSplits
+      {1, 256, 2},      // 4 key tiles: at least two tiles per split
+      {4, 100, 1},      // 2 key tiles: not worth splitting
+      {8, 0, 1},        // no keys
+  };
+  for (const auto& c : cases) {
+    const int got = kv_splits_for(c.q_blocks, 132, c.lk);
+    const bool ok = got == c.splits;
+    std::printf("kv_splits_for(q_blocks=%lld, sms=132, Lk=%lld) = %d %s\n", (long long)c.q_blocks, (long long)c.lk, got,
+                ok ? "ok" : "FAILED");
+    failures += !ok;
+  }
+}
+
 int main() {
+  check_kv_splits();
   const Case plain{"plain", 1, 2, 2, 70, 130, false, false, false, false};
   const Case ragged{"gqa+kv_lengths+mask+q_lengths, blhd", 3, 4, 2, 37, 129, true, true, true, true};
   const Case gqa{"gqa 4:1 + kv_lengths, Lq > Lk", 2, 4, 1, 80, 65, true, false, false, true};

@@ -5,7 +5,9 @@
 // buffers with cp.async, the next tile in flight while the current one is used. Scores and the
 // online softmax (fp32, base 2) stay in registers, and the probabilities feed the P V MMA from
 // registers. Key tiles past kv_lengths[b] are never loaded; a GQA query head reads its kv head
-// in place.
+// in place. When there are too few query blocks to fill the GPU, the host splits each block's
+// key tiles among kv_splits CTAs, and combine_kernel merges their partial results by their
+// log-sum-exp (flash-decoding).
 #pragma once
 
 #include "tiles.cuh"

@@ -24,6 +24,17 @@ constexpr int kForwardBlockM = 64;
 constexpr int kForwardBlockN = 64;
 constexpr int kMaxKvSplits = 16;
 
+// Few query blocks over many keys (a short text attending to a long image or audio sequence)
+// would leave most SMs idle with one CTA per query block: the key tiles are then shared among
+// up to kMaxKvSplits CTAs, about one wave in all, at least two tiles each. Decided on shapes
+// only, never on kv_lengths values, so there is no host sync and CUDA graphs replay it unchanged.
+inline int kv_splits_for(int64_t q_blocks, int64_t sms, int64_t lk) {
+  const int64_t key_tiles = (lk + kForwardBlockN - 1) / kForwardBlockN;
+  const int64_t for_one_wave = (sms + q_blocks - 1) / q_blocks;
+  const int64_t splits = for_one_wave < key_tiles / 2 ? for_one_wave : key_tiles / 2;
+  return static_cast<int>(splits < 1 ? 1 : (splits > kMaxKvSplits ? kMaxKvSplits : splits));
+}
+
 struct Params {
   Operand q, k, v, out;
   Operand dout, dq, dk, dv;         // backward only

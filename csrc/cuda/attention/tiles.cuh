@@ -1,5 +1,6 @@
-// What the forward and backward kernels share: the parameters, the shared-memory tile loader,
-// the two warp-level GEMM shapes every step of FlashAttention is made of, and key visibility.
+// What the forward and backward kernels share: the shared-memory tile loaders, the software
+// pipeline, the two warp-level GEMM shapes every step of FlashAttention is made of, key
+// visibility, and which queries a CTA or warp owns.
 //
 // Shared-memory tiles are row-major with D + kPad elements per row: the 16 bytes of padding
 // shift consecutive rows by one bank group, so the eight row addresses of an ldmatrix land in
