@@ -26,6 +26,15 @@ def check_like(name: str, t, ref_name: str, ref):
         fail(f"{name} must have {ref_name}'s dtype and device ({ref.dtype} on {ref.device}), got {t.dtype} on {t.device}")
 
 
+def check_bias(name: str, bias, size: int, ref_name: str, ref):
+    """None, or a (size,) vector with ref's dtype and device."""
+    if bias is None:
+        return
+    check_like(name, bias, ref_name, ref)
+    if tuple(bias.shape) != (size,):
+        fail(f"{name} must have shape ({size},), got {tuple(bias.shape)}")
+
+
 def check_tensor_list(name: str, tensors) -> tuple:
     """A non-empty list of float tensors with the dtype, device and leading dims of the first;
     returns those leading dims."""

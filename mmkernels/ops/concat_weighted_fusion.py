@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import check_last_dim_contiguous, check_like, check_tensor_list, fail
+from mmkernels.ops._checks import check_bias, check_last_dim_contiguous, check_like, check_tensor_list, fail
 from mmkernels.ops._register import register_op
 
 OUTPUTS = ("sum", "concat")
@@ -26,10 +26,7 @@ def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="
     check_like("weight", weight, "features[0]", features[0])
     if tuple(weight.shape) != (M, sum(widths)):
         fail(f"weight must have shape (M, sum D_m) = ({M}, {sum(widths)}), got {tuple(weight.shape)}")
-    if bias is not None:
-        check_like("bias", bias, "features[0]", features[0])
-        if tuple(bias.shape) != (M,):
-            fail(f"bias must have shape ({M},), got {tuple(bias.shape)}")
+    check_bias("bias", bias, M, "features[0]", features[0])
     if output not in OUTPUTS:
         fail(f"output must be 'sum' or 'concat', got {output!r}")
     if values is not None:

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._checks import check_bias, check_float, check_like, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -24,10 +24,7 @@ def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a=None, bias_b=Non
         if tuple(w.shape) != (N, cols):
             fail(f"{name} must have shape ({N}, {cols}), got {tuple(w.shape)}")
     for name, b in (("bias_a", bias_a), ("bias_b", bias_b), ("bias_z", bias_z)):
-        if b is not None:
-            check_like(name, b, "x_a", x_a)
-            if tuple(b.shape) != (N,):
-                fail(f"{name} must have shape ({N},), got {tuple(b.shape)}")
+        check_bias(name, b, N, "x_a", x_a)
     lead = tuple(x_a.shape[:-1])
     out, *_ = torch.ops.mmkernels.gated_fusion(_as_rows("x_a", x_a), _as_rows("x_b", x_b), weight_a, weight_b, weight_z,
                                               bias_a, bias_b, bias_z, backend or "")

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_float, check_like, fail
+from mmkernels.ops._checks import check_bias, check_float, check_like, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -20,10 +20,7 @@ def gated_residual_linear(x, h, weight, bias=None, gate=None, row_mask=None, *, 
         fail(f"h must have the leading dims {tuple(x.shape[:-1])} of x, got shape {tuple(h.shape)}")
     if tuple(weight.shape) != (N, K):
         fail(f"weight must have shape (N, K) = ({N}, {K}), got {tuple(weight.shape)}")
-    if bias is not None:
-        check_like("bias", bias, "x", x)
-        if tuple(bias.shape) != (N,):
-            fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    check_bias("bias", bias, N, "x", x)
     if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (1,) or gate.device != x.device:
         fail(f"gate must be a (1,) tensor on x's device ({x.device}), got {gate!r}")
     lead = tuple(x.shape[:-1])

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_like, check_tensor_list, fail
+from mmkernels.ops._checks import check_bias, check_like, check_tensor_list, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -24,10 +24,7 @@ def linear_fusion(features, weights, bias=None, *, activation=None, backend=None
         check_like(f"weights[{i}]", w, "features[0]", features[0])
         if tuple(w.shape) != (N, f.shape[-1]):
             fail(f"weights[{i}] must have shape (N, D_{i}) = ({N}, {f.shape[-1]}), got {tuple(w.shape)}")
-    if bias is not None:
-        check_like("bias", bias, "features[0]", features[0])
-        if tuple(bias.shape) != (N,):
-            fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    check_bias("bias", bias, N, "features[0]", features[0])
     if activation not in ACTIVATIONS:
         fail(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
