@@ -33,6 +33,18 @@ def _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.const
 
 
 @triton.jit
+def _query_block(pid_m, pid_bh, KvLen, QLen, Hq, Lq, Lk, group,
+                 HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a forward or dQ program owns: batch b, its query head and kv head as int64 offsets
+    (b too), the keys to visit, the valid query count, its BLOCK_M rows and which are not padding."""
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    n_keys, q_valid = _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN, HAS_QLEN)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return b, b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64), n_keys, q_valid, rows, rows < q_valid
+
+
+@triton.jit
 def _visible(Mask, smb, sml, b, cols, n_keys, HAS_MASK: tl.constexpr):
     """(BLOCK_N,) True for keys that take part: inside the length and not masked out."""
     visible = cols < n_keys
@@ -51,16 +63,10 @@ def _fwd_program(
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    n_keys, q_valid = _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN, HAS_QLEN)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, b64, h64, hk64, n_keys, q_valid, rows, row_ok = _query_block(
+        pid_m, pid_bh, KvLen, QLen, Hq, Lq, Lk, group, HAS_KVLEN, HAS_QLEN, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     cols0 = tl.arange(0, BLOCK_N)
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-
-    row_ok = rows < q_valid
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :],
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -172,15 +178,10 @@ def _bwd_dq_program(
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    n_keys, q_valid = _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN, HAS_QLEN)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, b64, h64, hk64, n_keys, q_valid, rows, row_ok = _query_block(
+        pid_m, pid_bh, KvLen, QLen, Hq, Lq, Lk, group, HAS_KVLEN, HAS_QLEN, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     cols0 = tl.arange(0, BLOCK_N)
-    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    row_ok = rows < q_valid
     q_mask = row_ok[:, None] & (dims[None, :] < D)
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None].to(tl.int64) * sdl + dims[None, :], mask=q_mask, other=0.0)
