@@ -40,7 +40,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32; one warp per query row.
 template <typename T, int D>
 __global__ void delta_kernel(const Params p) {
-  const QueryRow row = query_row(p, blockDim.x / kWarpSize);
+  const QueryRow row = query_row(p);
   if (row.index < 0) return;  // the same for the whole warp
   const int lane = threadIdx.x % kWarpSize;
   const T* dout = p.dout.rows<T>(row.b, row.h) + row.i * p.dout.sl;
@@ -238,10 +238,7 @@ void launch_backward(const Params& p, cudaStream_t stream) {
 
 template <typename T, int D>
 void run_backward(const Params& p, cudaStream_t stream) {
-  constexpr int kRowsPerBlock = 8;  // one warp per row
-  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
-  launch(delta_kernel<T, D>, dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)),
-         kRowsPerBlock * kWarpSize, 0, stream, p);
+  launch_per_row(delta_kernel<T, D>, p, stream);
   if (p.mask != nullptr) {
     launch_backward<T, D, true>(p, stream);
   } else {

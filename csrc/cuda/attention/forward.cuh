@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(
 // a row with none at all is 0 with lse +inf, and a NaN lse_s makes the row NaN.
 template <typename T, int D>
 __global__ void combine_kernel(const Params p) {
-  const QueryRow row = query_row(p, blockDim.x / kWarpSize);
+  const QueryRow row = query_row(p);
   if (row.index < 0) return;  // the same for the whole warp
   const int lane = threadIdx.x % kWarpSize;
   const int64_t plane = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
@@ -192,12 +192,7 @@ void run_forward(const Params& p, cudaStream_t stream) {
   } else {
     launch_forward<T, D, false>(p, stream);
   }
-  if (p.kv_splits > 1) {
-    constexpr int kRowsPerBlock = 8;  // one warp per row
-    const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
-    launch(combine_kernel<T, D>, dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)),
-           kRowsPerBlock * kWarpSize, 0, stream, p);
-  }
+  if (p.kv_splits > 1) launch_per_row(combine_kernel<T, D>, p, stream);
 }
 
 }  // namespace mmkernels::attention

@@ -184,15 +184,19 @@ __device__ __forceinline__ void zero_rows(T* g, int64_t row_stride, int rows) {
   }
 }
 
+// Kernels with one warp per (batch, head, query) row launch kQueryRowsPerBlock rows per CTA
+// (launch_per_row) and find theirs with query_row().
+constexpr int kQueryRowsPerBlock = 8;
+
 // One warp per (batch, head, query) row: its index, or -1 past the last row.
 struct QueryRow {
   int64_t index;  // into (B, Hq, Lq)
   int b, h, i;
 };
 
-__device__ __forceinline__ QueryRow query_row(const Params& p, int rows_per_block) {
+__device__ __forceinline__ QueryRow query_row(const Params& p) {
   QueryRow r;
-  r.index = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / kWarpSize;
+  r.index = static_cast<int64_t>(blockIdx.x) * kQueryRowsPerBlock + threadIdx.x / kWarpSize;
   if (r.index >= static_cast<int64_t>(p.B) * p.Hq * p.Lq) r.index = -1;
   r.i = static_cast<int>(r.index % p.Lq);
   r.h = static_cast<int>(r.index / p.Lq % p.Hq);
@@ -235,5 +239,12 @@ void launch(Kernel* kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif
+
+template <typename Kernel>
+void launch_per_row(Kernel* kernel, const Params& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
+  launch(kernel, dim3(static_cast<unsigned>((rows + kQueryRowsPerBlock - 1) / kQueryRowsPerBlock)),
+         kQueryRowsPerBlock * kWarpSize, 0, stream, p);
+}
 
 }  // namespace mmkernels::attention
