@@ -85,9 +85,14 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     torch_version = torch.__version__.split("+")[0]
     macros = [("MMKERNELS_VERSION", f'"{VERSION}"'), ("MMKERNELS_TORCH_VERSION", torch_version)]
-    cxx = ["-O3", *cpu_vector_flags()]  # the C++ standard is the one cpp_extension picks for torch
+    # -fopenmp: at::parallel_for is header code that parallelises with `#pragma omp parallel`;
+    # without the flag the pragma is ignored and every CPU kernel runs on one thread. The
+    # OpenMP runtime it links is the libgomp that torch itself loads.
+    cxx = ["-O3", "-fopenmp", *cpu_vector_flags()]  # the C++ standard is the one cpp_extension picks for torch
+    link = ["-fopenmp"]
     if not want_cuda():
-        return CppExtension("mmkernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        return CppExtension("mmkernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     archs = cuda_archs()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     macros += [("MMKERNELS_WITH_CUDA", None), ("MMKERNELS_CUDA_VERSION", torch.version.cuda)]
@@ -102,6 +107,7 @@ def extension():
         define_macros=macros,
         include_dirs=cuda_library_headers(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
