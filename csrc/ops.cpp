@@ -6,8 +6,10 @@
 //   mmkernels::native_<op>(...)         the C++ kernels, registered per dispatch key (CPU, CUDA)
 //                                        so the tensor's device picks the kernel.
 //
-// cross_attention returns the fp32 (fp64 for fp64 inputs) log-sum-exp of each query row for the
-// backward; it is +inf for rows that see no key and for padded query rows. concat_weighted_fusion
+// cross_attention returns the log-sum-exp of each query row for the backward (float64 for
+// float32/float64 inputs, float32 for half types); it is +inf for rows that see no key and for
+// padded query rows. kv_start/kv_end are (B, Lq) per-row key ranges; seed is the int64 Philox key
+// of attention dropout (used when dropout_p > 0). concat_weighted_fusion
 // works on (rows, D_m) views and returns the (rows, M) modality weights for the backward; an empty
 // `values` list means the features are the values. decision_fusion works on (rows, C) views and
 // takes weights already normalised to sum 1 (acc dtype). linear_fusion's activation is an index
@@ -15,11 +17,12 @@
 // gated_fusion returns tanh(x_a W_a^T + b_a), tanh(x_b W_b^T + b_b) and the gate z for the backward.
 #include <torch/library.h>
 
-#define MMKERNELS_CROSS_ATTENTION_ARGS \
-  "Tensor q, Tensor k, Tensor v, Tensor? kv_lengths, Tensor? key_padding_mask, Tensor? q_lengths, float scale"
-#define MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS                                                     \
-  "Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lengths, " \
-  "Tensor? key_padding_mask, Tensor? q_lengths, float scale"
+#define MMKERNELS_ATTENTION_VISIBILITY                                                            \
+  "Tensor? kv_lengths, Tensor? key_padding_mask, Tensor? q_lengths, Tensor? kv_start, Tensor? kv_end, " \
+  "bool causal, float dropout_p, Tensor? seed, float scale"
+#define MMKERNELS_CROSS_ATTENTION_ARGS "Tensor q, Tensor k, Tensor v, " MMKERNELS_ATTENTION_VISIBILITY
+#define MMKERNELS_CROSS_ATTENTION_BACKWARD_ARGS \
+  "Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " MMKERNELS_ATTENTION_VISIBILITY
 #define MMKERNELS_FUSION_ARGS "Tensor[] features, Tensor weight, Tensor? bias, Tensor[] values, bool concat"
 #define MMKERNELS_FUSION_BACKWARD_ARGS \
   "Tensor grad_out, Tensor[] features, Tensor weight, Tensor[] values, Tensor gate, bool concat"
@@ -66,10 +69,12 @@ TORCH_LIBRARY(mmkernels, m) {
   // co_attention has no native_ twin: its CPU "kernel" is two native_cross_attention calls.
   m.def(
       "co_attention(Tensor q_a, Tensor k_a, Tensor v_a, Tensor q_b, Tensor k_b, Tensor v_b, Tensor? lengths_a, "
-      "Tensor? lengths_b, float scale, str backend) -> (Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b)");
+      "Tensor? lengths_b, Tensor? kv_start_a, Tensor? kv_end_a, Tensor? kv_start_b, Tensor? kv_end_b, float scale, "
+      "str backend) -> (Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b)");
   m.def(
       "co_attention_backward(Tensor grad_a, Tensor grad_b, Tensor q_a, Tensor k_a, Tensor v_a, Tensor q_b, Tensor k_b, "
       "Tensor v_b, Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, Tensor? lengths_a, Tensor? lengths_b, "
+      "Tensor? kv_start_a, Tensor? kv_end_a, Tensor? kv_start_b, Tensor? kv_end_b, "
       "float scale, str backend) -> (Tensor grad_q_a, Tensor grad_k_a, Tensor grad_v_a, Tensor grad_q_b, "
       "Tensor grad_k_b, Tensor grad_v_b)");
   // y = x + tanh(gate) * row_mask * (h @ weight^T + bias): the gated cross-attention output

@@ -78,6 +78,7 @@ def test_layer_and_errors():
 
 def test_opcheck():
     a, b = modalities(B=1, La=5, Lb=7, D=16)
-    args = [t.requires_grad_() for t in (*a, *b)] + [torch.tensor([3]), None, 0.25]
+    args = [t.requires_grad_() for t in (*a, *b)] + [torch.tensor([3]), None, torch.tensor([[0, 1, 2, 3, 4]]), None, None,
+                                                       torch.tensor([[7, 6, 5, 4, 3, 2, 1]]), 0.25]
     for backend in ("cpu", "triton"):
         torch.library.opcheck(torch.ops.mmkernels.co_attention.default, args + [backend])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mmkernels
-from attention_cases import EDGE_CASES, Case, composite, reference_fp64
+from attention_cases import EDGE_CASES, SEED, Case, composite, reference_fp64
 from tolerance import assert_close
 
 # "triton" runs here through TRITON_INTERPRET=1 (set in conftest.py).
@@ -12,6 +12,7 @@ BACKENDS = ["cpu", "reference", "triton"]
 
 def run_and_grads(fn, q, k, v, grad, **kw):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(SEED)  # the same dropout draw on every path
     out = fn(q, k, v, **kw)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     return out, grads

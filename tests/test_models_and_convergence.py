@@ -80,5 +80,14 @@ def test_convergence_stock_vs_patched():
             opt.step()
             losses.append(loss.item())
         assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5), f"step {step}: {losses}"
+        # The key bias has a gradient of exactly 0 in exact arithmetic (softmax does not change
+        # when every score of a row moves by the same amount), so both models see rounding noise
+        # there, which AdamW scales up to full steps: compare that slice by its gradient instead.
+        E = stock.cross.embed_dim
+        for model in (stock, patched):
+            assert model.cross.in_proj_bias.grad[E : 2 * E].abs().max() < 1e-5
+    E = stock.cross.embed_dim
     for (name, a), b in zip(stock.state_dict().items(), patched.state_dict().values()):
+        if name == "cross.in_proj_bias":
+            a, b = torch.cat([a[:E], a[2 * E :]]), torch.cat([b[:E], b[2 * E :]])
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=f"{name} drifted")

@@ -10,10 +10,14 @@ ops = torch.ops.mmkernels
 
 
 def attention_args(case, backend=None, requires_grad=True):
+    """The operator's arguments: q, k, v, then kv_lengths, key_padding_mask, q_lengths, kv_start,
+    kv_end, causal, dropout_p, seed, scale (and the backend for the public op)."""
     q, k, v, kw = case.make(torch.float32)
     if requires_grad:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-    args = [q, k, v, kw.get("kv_lengths"), kw.get("key_padding_mask"), kw.get("q_lengths"), 0.125]
+    args = [q, k, v, kw.get("kv_lengths"), kw.get("key_padding_mask"), kw.get("q_lengths"), kw.get("kv_start"),
+            kw.get("kv_end"), kw.get("causal", False), kw.get("dropout_p", 0.0),
+            torch.tensor([987654321]) if kw.get("dropout_p") else None, 0.125]
     return args + [backend] if backend is not None else args
 
 
@@ -24,7 +28,8 @@ def fusion_args(case, backend=None, requires_grad=True):
     return args + [backend] if backend is not None else args
 
 
-ATTENTION_CASES = [Case(kv_lengths=True, key_padding_mask=True, q_lengths=True), Case(layout="blhd", Hq=4, Hkv=1)]
+ATTENTION_CASES = [Case(kv_lengths=True, key_padding_mask=True, q_lengths=True), Case(layout="blhd", Hq=4, Hkv=1),
+                   Case(ranges=True, causal=True, dropout=0.2)]
 FUSION_OP_CASES = [FusionCase(), FusionCase(values=(5, 7, 9), output="concat")]
 
 
@@ -32,9 +37,9 @@ FUSION_OP_CASES = [FusionCase(), FusionCase(values=(5, 7, 9), output="concat")]
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
 def test_opcheck_cross_attention(backend, case):
     torch.library.opcheck(ops.cross_attention.default, attention_args(case, backend))
-    q, k, v, kvl, kpm, ql, scale, _ = attention_args(case, backend, requires_grad=False)
-    out, lse = ops.cross_attention(q, k, v, kvl, kpm, ql, scale, backend)
-    torch.library.opcheck(ops.cross_attention_backward.default, [torch.randn_like(out), q, k, v, out, lse, kvl, kpm, ql, scale, backend])
+    q, k, v, *visibility, _ = attention_args(case, backend, requires_grad=False)
+    out, lse = ops.cross_attention(q, k, v, *visibility, backend)
+    torch.library.opcheck(ops.cross_attention_backward.default, [torch.randn_like(out), q, k, v, out, lse, *visibility, backend])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
@@ -48,10 +53,10 @@ def test_opcheck_concat_weighted_fusion(backend, case):
 
 @pytest.mark.parametrize("case", ATTENTION_CASES[:1], ids=str)
 def test_opcheck_native_ops(case):
-    q, k, v, kvl, kpm, ql, scale = attention_args(case, requires_grad=False)
-    torch.library.opcheck(ops.native_cross_attention.default, [q, k, v, kvl, kpm, ql, scale])
-    out, lse = ops.native_cross_attention(q, k, v, kvl, kpm, ql, scale)
-    torch.library.opcheck(ops.native_cross_attention_backward.default, [torch.randn_like(out), q, k, v, out, lse, kvl, kpm, ql, scale])
+    q, k, v, *visibility = attention_args(case, requires_grad=False)
+    torch.library.opcheck(ops.native_cross_attention.default, [q, k, v, *visibility])
+    out, lse = ops.native_cross_attention(q, k, v, *visibility)
+    torch.library.opcheck(ops.native_cross_attention_backward.default, [torch.randn_like(out), q, k, v, out, lse, *visibility])
     args = fusion_args(FUSION_OP_CASES[1], requires_grad=False)
     torch.library.opcheck(ops.native_concat_weighted_fusion.default, args)
     out, gate = ops.native_concat_weighted_fusion(*args)

@@ -1,5 +1,8 @@
-"""attn_implementation="mmkernels" in tiny transformers models built from configs (no downloads)."""
+"""attn_implementation="mmkernels" in tiny transformers models built from configs (no downloads),
+with the masks their processors build: every cross-attention call must take the fused kernel
+and the logits must equal sdpa's."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -7,8 +10,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import mmkernels.integrations.transformers as mmt  # noqa: E402
+from mmkernels.masks import to_ranges  # noqa: E402
 from transformers import MllamaForCausalLM, MllamaTextConfig  # noqa: E402
 from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask  # noqa: E402
+from transformers.models.mllama.processing_mllama import (  # noqa: E402
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -16,80 +24,175 @@ def registered():
     mmt.register()
 
 
-def tiny_mllama(attn_implementation):
+@pytest.fixture
+def calls(monkeypatch):
+    """Every fused call's keyword arguments, and every fallback's reason."""
+    record = {"fused": [], "fallback": []}
+    real, real_fallback = mmt.cross_attention, mmt._fallback
+    monkeypatch.setattr(mmt, "cross_attention", lambda *a, **k: record["fused"].append(k) or real(*a, **k))
+    monkeypatch.setattr(mmt, "_fallback", lambda why: record["fallback"].append(why) or real_fallback(why))
+    return record
+
+
+def pair(model_class, config, **kw):
+    """The same model with sdpa and with mmkernels attention, equal weights; each gets its own
+    config (_from_config records the implementation on the config it is given)."""
+    models = []
+    for impl in ("sdpa", mmt.NAME):
+        torch.manual_seed(0)
+        models.append(model_class._from_config(copy.deepcopy(config), attn_implementation=impl, **kw).eval())
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+# --- Llama 3.2 Vision (Mllama) --------------------------------------------------------------------
+
+IMAGE, BOS, TILE_TOKENS, MAX_TILES = 96, 1, 5, 3
+
+
+def mllama_models():
     config = MllamaTextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3],
-                              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = MllamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
+                              max_position_embeddings=64, bos_token_id=BOS, eos_token_id=2, pad_token_id=0)
+    models = pair(MllamaForCausalLM, config)
     with torch.no_grad():  # non-zero gates, so the cross-attention layers really contribute
-        for layer in model.model.layers:
-            if hasattr(layer, "cross_attn_attn_gate"):
-                layer.cross_attn_attn_gate.fill_(0.8)
-                layer.cross_attn_mlp_gate.fill_(-0.6)
-    return model
+        for model in models:
+            for layer in model.model.layers:
+                if hasattr(layer, "cross_attn_attn_gate"):
+                    layer.cross_attn_attn_gate.fill_(0.8)
+                    layer.cross_attn_mlp_gate.fill_(-0.6)
+    return models
 
 
-def inputs(images_per_sample=(2, 1), tokens_per_image=6, text_len=9):
+def mllama_batch(token_ids, tiles):
+    """The processor's cross-attention mask for prompts `token_ids` (IMAGE marks an image) whose
+    images have `tiles` real tiles each (of MAX_TILES: the rest are padded tiles)."""
     torch.manual_seed(1)
-    B, n_img = len(images_per_sample), max(images_per_sample)
-    input_ids = torch.randint(0, 97, (B, text_len))
-    vision = torch.randn(B, n_img * tokens_per_image, 64)
-    per_image = torch.zeros(B, text_len, n_img, 1)
-    for b, n in enumerate(images_per_sample):
-        per_image[b, :, :n] = 1  # every text row sees this sample's real images; the rest is padding
-    mask, rows = _prepare_cross_attention_mask(per_image, num_vision_tokens=tokens_per_image, dtype=torch.float32)
-    return dict(input_ids=input_ids, cross_attention_states=vision, cross_attention_mask=mask, full_text_row_masked_out_mask=rows)
+    length = max(map(len, token_ids))
+    ids = torch.tensor([t + [0] * (length - len(t)) for t in token_ids])
+    sparse = [get_cross_attention_token_mask(t, IMAGE) for t in token_ids]
+    dense = torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(sparse, tiles, MAX_TILES, length))
+    mask, rows = _prepare_cross_attention_mask(dense, num_vision_tokens=TILE_TOKENS, dtype=torch.float32)
+    vision = torch.randn(len(token_ids), dense.shape[2] * MAX_TILES * TILE_TOKENS, 64)
+    return dict(input_ids=ids.clamp(max=96), cross_attention_states=vision, cross_attention_mask=mask,
+                full_text_row_masked_out_mask=rows)
 
 
-def test_mllama_logits_match_sdpa(monkeypatch):
-    calls = []
-    real = mmt.cross_attention
-    monkeypatch.setattr(mmt, "cross_attention", lambda *a, **k: calls.append(k["key_padding_mask"]) or real(*a, **k))
-    sdpa, ours = tiny_mllama("sdpa"), tiny_mllama(mmt.NAME)
-    ours.load_state_dict(sdpa.state_dict())
-    batch = inputs()
+def test_mllama_interleaved_images_with_padded_tiles_are_fused(calls):
+    """A BOS row that sees no image (Mllama makes it see everything, then zeroes it), two images
+    interleaved with text (the first with a padded tile), and a one-image sample."""
+    sdpa, ours = mllama_models()
+    batch = mllama_batch([[BOS, IMAGE, 5, 6, 7, IMAGE, 8, 9, 10, 11], [BOS, IMAGE, 12, 13, 14]], tiles=[[2, 3], [1]])
     with torch.no_grad():
-        expected = sdpa(**batch).logits
-        got = ours(**batch).logits
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    # both cross-attention layers took the fused path, with the second sample's padded image
-    assert len(calls) == 2
-    assert calls[0] is not None and calls[0][1, 6:].all() and not calls[0][0].any()
+        expected, got = sdpa(**batch).logits, ours(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cross = [c for c in calls["fused"] if "kv_start" in c]
+    assert len(cross) == 2 and not calls["fallback"]  # both cross-attention layers fused
+    start, end = cross[0]["kv_start"], cross[0]["kv_end"]
+    per_image = MAX_TILES * TILE_TOKENS
+    assert start[0, 3] == 0 and end[0, 3] == 2 * TILE_TOKENS  # image 1: its 2 real tiles
+    assert start[0, 7] == per_image and end[0, 7] == 2 * per_image  # image 2: all 3 tiles
+    assert cross[0] is not cross[1] and torch.equal(cross[1]["kv_start"], start)  # converted once, reused
 
 
-def test_key_padding_detection():
-    B, Lq, Lk = 2, 3, 5
-    visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool)
-    visible[1, :, :, 3:] = False
-    assert torch.equal(mmt._key_padding(visible, B, Lq, Lk), ~visible[:, 0, 0])
-    causal = torch.ones(Lq, Lk, dtype=torch.bool).tril().expand(B, 1, Lq, Lk)
-    assert mmt._key_padding(causal, B, Lq, Lk) is None  # differs per row: not a key-padding mask
-    bias = torch.randn(B, 1, Lq, Lk)
-    assert mmt._key_padding(bias, B, Lq, Lk) is None  # a bias, not a mask
+def test_mllama_consecutive_images_with_padding_fall_back_with_a_reason(calls, caplog):
+    """Two images in a row attend as a group; with a padded tile between them and a BOS row that
+    sees everything, no row ranges express it: sdpa runs, the numbers stay right."""
+    sdpa, ours = mllama_models()
+    batch = mllama_batch([[BOS, IMAGE, IMAGE, 5, 6, 7]], tiles=[[2, 3]])
+    with caplog.at_level(logging.DEBUG, logger="mmkernels.integrations.transformers"):
+        mmt._logged.clear()
+        with torch.no_grad():
+            expected, got = sdpa(**batch).logits, ours(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert calls["fallback"] and "not one span" in calls["fallback"][0]
+    assert sum("falls back to sdpa" in r.message for r in caplog.records) == 1  # logged once
 
 
-def test_blip2_qformer_matches_sdpa(monkeypatch):
-    """BLIP-2's Q-Former: learned queries attend to padded image tokens (cross) and to each other."""
+# --- IDEFICS --------------------------------------------------------------------------------------
+
+
+def test_idefics_cross_layers_are_fused(calls):
+    """Each text token sees its latest image; tokens before the first image see none."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    config = IdeficsConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           cross_layer_interval=1, max_position_embeddings=64, alpha_initializer="ones",
+                           vision_config={"embed_dim": 48, "image_size": 16, "patch_size": 8, "num_hidden_layers": 1,
+                                          "num_attention_heads": 4, "intermediate_size": 64},
+                           perceiver_config={"use_resampler": False})
+    sdpa, ours = pair(IdeficsForVisionText2Text, config)
+    torch.manual_seed(2)
+    B, L, n_images, tokens = 2, 9, 2, 6
+    ids = torch.randint(3, 100, (B, L))
+    latest = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1, 1], [-1, 0, 0, 0, 0, 0, 0, 0, 0]])  # the processor's image index
+    image_mask = torch.nn.functional.one_hot(latest.clamp(min=0), n_images) * (latest >= 0).unsqueeze(-1)
+    embeddings = torch.randn(B, n_images, tokens, 48)
+    kw = dict(input_ids=ids, image_encoder_embeddings=embeddings, image_attention_mask=image_mask, use_cache=False)
+    with torch.no_grad():
+        expected, got = sdpa(**kw).logits, ours(**kw).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cross = [c for c in calls["fused"] if "kv_start" in c and c["kv_end"].max() <= n_images * tokens]
+    assert len(cross) == config.num_hidden_layers and not calls["fallback"]
+    assert cross[0]["kv_end"][0, 0] == cross[0]["kv_start"][0, 0]  # before the first image: nothing
+    assert cross[0]["kv_start"][0, 6] == tokens and cross[0]["kv_end"][0, 6] == 2 * tokens
+
+
+# --- BLIP-2 Q-Former ------------------------------------------------------------------------------
+
+
+def test_blip2_qformer_matches_sdpa(calls):
+    """Learned queries attend to padded image tokens (cross) and to each other."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-    calls = []
-    real = mmt.cross_attention
-    monkeypatch.setattr(mmt, "cross_attention", lambda *a, **k: calls.append(k["key_padding_mask"]) or real(*a, **k))
     config = Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                                 encoder_hidden_size=48, cross_attention_frequency=1)
-    models = []
-    for impl in ("sdpa", mmt.NAME):  # each its own config: _from_config records the implementation on it
-        torch.manual_seed(0)
-        models.append(Blip2QFormerModel._from_config(copy.deepcopy(config), attn_implementation=impl).eval())
-    assert models[0].config._attn_implementation == "sdpa"
-    models[1].load_state_dict(models[0].state_dict())
+    sdpa, ours = pair(Blip2QFormerModel, config)
+    assert sdpa.config._attn_implementation == "sdpa"
     torch.manual_seed(1)
     queries, image = torch.randn(2, 8, 64), torch.randn(2, 11, 48)
     image_mask = torch.ones(2, 11, dtype=torch.long)
     image_mask[1, 7:] = 0  # the second image has 7 real tokens
     with torch.no_grad():
-        expected, got = (m(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state for m in models)
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    cross = [m for m in calls if m is not None and m.shape[-1] == 11]
-    assert len(cross) == 2 and cross[0][1, 7:].all() and not cross[0][0].any()
+        expected, got = (m(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state
+                         for m in (sdpa, ours))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not calls["fallback"]
+    cross = [c for c in calls["fused"] if "kv_end" in c and c["kv_end"].max() <= 11 and c["kv_end"].shape[1] == 8]
+    assert len(cross) == 2 and (cross[0]["kv_end"][1] == 7).all() and (cross[0]["kv_end"][0] == 11).all()
+
+
+# --- the mask conversion --------------------------------------------------------------------------
+
+
+def test_masks_to_ranges():
+    B, Lq, Lk = 2, 4, 10
+    visible = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
+    visible[0, 0, :, 2:6] = True
+    visible[0, 0, 0] = False  # an empty row
+    visible[1, 0, :, 0:9] = True
+    visible[1, 0, :, 4] = False  # a key no row of batch 1 sees: a hole every row shares
+    (start, end, hidden), why = to_ranges(visible, B, Lq, Lk, bool_true_means="visible")
+    assert why is None
+    assert start.tolist() == [[0, 2, 2, 2], [0, 0, 0, 0]] and end.tolist() == [[0, 6, 6, 6], [9, 9, 9, 9]]
+    assert hidden[1].nonzero().flatten().tolist() == [4, 9] and hidden[0, 0] and not hidden[0, 3]
+    causal = torch.ones(Lq, Lk).tril(Lk - Lq).log()  # additive: 0 and -inf
+    (start, end, hidden), _ = to_ranges(causal, B, Lq, Lk, bool_true_means="visible")
+    assert end.tolist() == [[7, 8, 9, 10]] * B and hidden is None
+    holes = visible.clone()
+    holes[1, 0, 2, 4] = True  # key 4 seen by one row only: a hole in the others
+    assert "not one span" in to_ranges(holes, B, Lq, Lk, bool_true_means="visible")[1]
+    assert "bias" in to_ranges(torch.randn(B, 1, Lq, Lk), B, Lq, Lk, bool_true_means="visible")[1]
+    per_head = visible.expand(B, 2, Lq, Lk).clone()
+    per_head[0, 1, 1, 2] = False
+    assert "heads" in to_ranges(per_head, B, Lq, Lk, bool_true_means="visible")[1]
+
+
+def test_causal_self_attention_without_a_mask_is_fused(calls):
+    """Mllama's text self-attention on a prompt with no padding: sdpa gets is_causal and no mask."""
+    sdpa, ours = mllama_models()
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        expected, got = sdpa(input_ids=ids).logits, ours(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert calls["fused"] and all(c.get("causal") or "kv_end" in c for c in calls["fused"])

@@ -1,13 +1,20 @@
-// CPU cross-attention: FlashAttention's blocked online softmax on top of BLAS tiles.
+// CPU cross-attention: FlashAttention's blocked online softmax on register-tiled micro-kernels.
 //
-// Forward: one task per (batch, query head, block of BQ queries); keys are streamed in blocks of
-// BK, so the largest temporary is BQ x BK scores, never Lq x Lk. Key blocks past kv_lengths[b]
-// are never touched, so work is proportional to the real keys.
+// Forward: one task per (batch, query head, block of kBlockQ queries), taken dynamically by the
+// threads (parallel.h). A task computes each of its rows' visible key range (kv_start/kv_end,
+// kv_lengths, causal, and the first/last key the key_padding_mask leaves), and walks only the key
+// tiles that meet their union: padded, masked-out and out-of-range tiles are never read. A tile
+// that every row sees whole ("clean") runs plain products; a "ragged" tile (a range boundary,
+// the causal diagonal, masked keys) hides scores key by key, and if the keys it hides from some
+// row hold non-finite values, forms that row's sums over its visible keys only, so hidden keys
+// never influence anything. Dropout multiplies the probabilities by a Philox mask (philox.h).
 //
-// Backward: one task per (batch, kv head). That task owns dK/dV of its kv head and dQ of every
-// query head in its group, so there are no atomics and the result is deterministic and
-// independent of the thread count. Scores are recomputed from the saved log-sum-exp.
-#include <ATen/Parallel.h>
+// Backward: one task per (batch, kv head). It owns dK/dV of its kv head and dQ of every query
+// head in its group, so there are no atomics and the result does not depend on the thread
+// count. It visits the same (query block, key tile) pairs as the forward, recomputing the
+// probabilities from the saved log-sum-exp. For float32/float64 inputs the lse is saved in
+// float64 and recomputed as exp((s - hi) - lo) with hi + lo = lse, so sharp softmaxes (learned
+// temperatures, large scores) get back the forward's probabilities to the last bit.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -15,282 +22,564 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
+#include "../philox.h"
+#include "microkernel.h"
+#include "parallel.h"
 #include "vec.h"
-#include "blas.h"
 
 namespace mmkernels {
 namespace {
 
-using cpu::dot;
-using cpu::exp_and_sum;
+using cpu::kPanel;
+using cpu::round_up;
+using cpu::Vec;
 
-constexpr int64_t kBlockQ = 128;
-constexpr int64_t kBlockK = 256;
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
 
-struct Lengths {
-  const int64_t* kv = nullptr;  // (B,) or null
-  const int64_t* q = nullptr;   // (B,) or null
-  const bool* mask = nullptr;   // key_padding_mask, True = ignore
+// Which keys each query row sees, for one call. Every bound is clamped, so malformed values
+// can never index out of range.
+struct Visibility {
+  int64_t B = 0, Hq = 0, Lq = 0, Lk = 0;
+  const int64_t* kv_len = nullptr;  // (B,)
+  const int64_t* q_len = nullptr;   // (B,)
+  const int64_t* start = nullptr;   // (B, Lq)
+  const int64_t* end = nullptr;     // (B, Lq)
+  const bool* mask = nullptr;       // key_padding_mask, true = hidden
   int64_t mask_sb = 0, mask_sk = 0;
-  int64_t Lq = 0, Lk = 0;
+  bool causal = false;
+  std::vector<int64_t> mask_lo, mask_hi;  // per batch: the first visible key and one past the last
 
-  int64_t keys(int64_t b) const { return kv ? std::clamp<int64_t>(kv[b], 0, Lk) : Lk; }
-  int64_t queries(int64_t b) const { return q ? std::clamp<int64_t>(q[b], 0, Lq) : Lq; }
-  bool ignored(int64_t b, int64_t j) const { return mask && mask[b * mask_sb + j * mask_sk]; }
+  bool hidden(int64_t b, int64_t j) const { return mask != nullptr && mask[b * mask_sb + j * mask_sk]; }
+
+  int64_t queries(int64_t b) const { return q_len ? std::clamp<int64_t>(q_len[b], 0, Lq) : Lq; }
+
+  // [lo, hi) holding every key row i of batch b may see (empty when hi <= lo); keys inside it
+  // may still be hidden by the mask.
+  std::pair<int64_t, int64_t> range(int64_t b, int64_t i) const {
+    int64_t lo = start ? std::clamp<int64_t>(start[b * Lq + i], 0, Lk) : 0;
+    int64_t hi = end ? std::clamp<int64_t>(end[b * Lq + i], 0, Lk) : Lk;
+    if (kv_len) hi = std::min(hi, std::clamp<int64_t>(kv_len[b], 0, Lk));
+    if (causal) hi = std::min(hi, i + 1 + Lk - Lq);
+    if (mask) {
+      lo = std::max(lo, mask_lo[b]);
+      hi = std::min(hi, mask_hi[b]);
+    }
+    if (i >= queries(b) || hi <= lo) return {0, 0};
+    return {lo, hi};
+  }
+
+  // 0: every key of [j0, j1) is visible to the mask, 1: some are hidden, 2: all are.
+  int mask_state(int64_t b, int64_t j0, int64_t j1) const {
+    if (!mask) return 0;
+    int64_t n_hidden = 0;
+    for (int64_t j = j0; j < j1; ++j) n_hidden += hidden(b, j);
+    return n_hidden == 0 ? 0 : (n_hidden == j1 - j0 ? 2 : 1);
+  }
 };
 
-Lengths make_lengths(const at::Tensor& kv, const at::Tensor& mask, const at::Tensor& q,
-                     int64_t Lq, int64_t Lk) {
-  Lengths L;
-  L.Lq = Lq;
-  L.Lk = Lk;
-  if (kv.defined()) L.kv = kv.data_ptr<int64_t>();
-  if (q.defined()) L.q = q.data_ptr<int64_t>();
-  if (mask.defined()) {
-    L.mask = mask.data_ptr<bool>();
-    L.mask_sb = mask.stride(0);
-    L.mask_sk = mask.stride(1);
-  }
-  return L;
-}
-
-// Sets ignored keys of a rows x n score tile (row-major, leading dim n) to -inf.
-template <typename acc_t>
-void apply_key_mask(const Lengths& L, int64_t b, int64_t j0, acc_t* s, int64_t rows, int64_t n) {
-  if (!L.mask) return;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    if (!L.ignored(b, j0 + j)) continue;
-    for (int64_t r = 0; r < rows; ++r) s[r * n + j] = neg_inf;
-  }
-}
-
-// exp_u20 is the fast vectorised exp (about 20 ulp) that PyTorch's own CPU flash attention uses;
-// the error is far below what the fp32 tolerance of the tests allows.
-
-// Online-softmax step for one score tile: rescales the running output o, turns s into
-// probabilities relative to the new running max, and updates the running max m and sum l.
-template <typename acc_t>
-void online_softmax_step(acc_t* s, int64_t rows, int64_t n, acc_t* o, int64_t D, acc_t* m,
-                         acc_t* l) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* sr = s + r * n;
-    const acc_t tile_max = at::vec::reduce_all<acc_t>(
-        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, sr, n);
-    // std::max would drop a NaN max and make the row look empty (a silent 0): NaN must win.
-    const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(m[r], tile_max);
-    if (m_new == neg_inf) {  // every key so far is ignored: contributes nothing
-      std::fill(sr, sr + n, acc_t(0));
-      continue;
+Visibility make_visibility(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_len, const at::Tensor& q_len,
+                           const at::Tensor& start, const at::Tensor& end, const c10::optional<at::Tensor>& mask,
+                           bool causal) {
+  Visibility V;
+  V.B = q.size(0);
+  V.Hq = q.size(1);
+  V.Lq = q.size(2);
+  V.Lk = k.size(2);
+  V.causal = causal;
+  if (kv_len.defined()) V.kv_len = kv_len.data_ptr<int64_t>();
+  if (q_len.defined()) V.q_len = q_len.data_ptr<int64_t>();
+  if (start.defined()) V.start = start.data_ptr<int64_t>();
+  if (end.defined()) V.end = end.data_ptr<int64_t>();
+  if (mask.has_value()) {
+    V.mask = mask->data_ptr<bool>();
+    V.mask_sb = mask->stride(0);
+    V.mask_sk = mask->stride(1);
+    V.mask_lo.assign(V.B, 0);
+    V.mask_hi.assign(V.B, 0);
+    for (int64_t b = 0; b < V.B; ++b) {
+      int64_t lo = 0, hi = V.Lk;
+      while (lo < hi && V.hidden(b, lo)) ++lo;
+      while (hi > lo && V.hidden(b, hi - 1)) --hi;
+      V.mask_lo[b] = lo;
+      V.mask_hi[b] = hi;
     }
-    const acc_t tile_sum = exp_and_sum(sr, n, m_new);
-    const acc_t corr = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible tile
-    if (corr != acc_t(1)) {
-      acc_t* orow = o + r * D;
-      at::vec::map([corr](Vec x) { return x * Vec(corr); }, orow, orow, D);
-    }
-    l[r] = l[r] * corr + tile_sum;
-    m[r] = m_new;
   }
+  return V;
 }
 
-// p = exp(s - lse) in place; rows whose lse is +inf (no visible key) become 0.
-template <typename acc_t>
-void probabilities_from_lse(acc_t* s, int64_t rows, int64_t n, const acc_t* lse) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* sr = s + r * n;
-    const acc_t sub = lse[r];
-    if (std::isinf(sub)) {
-      std::fill(sr, sr + n, acc_t(0));
-      continue;
-    }
-    at::vec::map([sub](Vec x) { return (x - Vec(sub)).exp_u20(); }, sr, sr, n);
-  }
-}
-
-// One operand (q, k, v, out, grad_out) as rows of D values per (batch, head), any strides with a
-// contiguous last dim; offsets are 64-bit.
-template <typename scalar_t, typename acc_t>
+// One operand (q, k, v, out, grad_out and the gradients) as rows of D values per (batch, head),
+// any strides with a contiguous last dim; offsets are 64-bit.
+template <typename scalar_t>
 struct Rows {
   scalar_t* base;
-  int64_t sb, sh, sl, D;
+  int64_t sb, sh, sl;
 
   explicit Rows(const at::Tensor& t)
-      : base(static_cast<scalar_t*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), D(t.size(3)) {}
+      : base(static_cast<scalar_t*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {}
 
   scalar_t* row(int64_t b, int64_t h, int64_t i) const { return base + b * sb + h * sh + i * sl; }
 
-  // len rows from `start` as a BLAS operand: the tensor itself for fp32/fp64 whose row stride
-  // is a valid leading dim, else a widened (and scaled) copy in buf. Returns (pointer, ld).
-  std::pair<const acc_t*, int64_t> tile(int64_t b, int64_t h, int64_t start, int64_t len, acc_t* buf,
-                                        acc_t scale = 1) const {
-    const int64_t ld = len <= 1 ? D : sl;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (scale == acc_t(1) && ld >= D) return {row(b, h, start), ld};
-    }
-    for (int64_t r = 0; r < len; ++r) {
-      const scalar_t* src = row(b, h, start + r);
-      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = scale * static_cast<acc_t>(src[d]);
-    }
-    return {buf, D};
+  template <typename acc_t>
+  void store(int64_t b, int64_t h, int64_t i, const acc_t* src, int64_t D, acc_t scale) const {
+    scalar_t* dst = row(b, h, i);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(scale * src[d]);
   }
 
-  void store(int64_t b, int64_t h, int64_t start, int64_t len, const acc_t* src, acc_t scale = 1) const {
-    for (int64_t r = 0; r < len; ++r) {
-      scalar_t* dst = row(b, h, start + r);
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(scale * src[r * D + d]);
-    }
-  }
-
-  void zero(int64_t b, int64_t h, int64_t start, int64_t len) const {
-    for (int64_t r = start; r < start + len; ++r) std::fill(row(b, h, r), row(b, h, r) + D, scalar_t(0));
+  void zero(int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t D) const {
+    for (int64_t i = i0; i < i1; ++i) std::fill(row(b, h, i), row(b, h, i) + D, scalar_t(0));
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& kv_lengths, const c10::optional<at::Tensor>& key_padding_mask,
-    const c10::optional<at::Tensor>& q_lengths, double scale) {
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2);
-  const int64_t group = Hkv > 0 ? Hq / Hkv : 1;
-  const at::ScalarType acc = acc_dtype(q.scalar_type());
+// The attention dropout of one (batch, head): keep draws >= threshold, scale kept ones.
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0, threshold = 0;
+  double keep_scale = 1.0;
 
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(acc));
-  if (out.numel() == 0) return {out, lse.fill_(std::numeric_limits<double>::infinity())};
+  // Multiplies p[c * stride] (keys j0 + c, c < n) of query row `row` (the (b * Hq + h) * Lq + i
+  // index) by keep / (1 - p).
+  template <typename acc_t>
+  void apply(acc_t* p, int64_t n, int64_t stride, int64_t row, int64_t j0) const {
+    const acc_t s = static_cast<acc_t>(keep_scale);
+    int64_t c = 0;
+    while (c < n) {
+      const int64_t j = j0 + c;
+      const Philox4 r = philox4x32(static_cast<uint64_t>(row), static_cast<uint32_t>(j >> 2), seed);
+      for (int64_t e = j & 3; e < 4 && c < n; ++e, ++c) p[c * stride] = r.x[e] >= threshold ? p[c * stride] * s : acc_t(0);
+    }
+  }
+};
 
-  const at::Tensor kv_len = lengths_as_int64(kv_lengths);
-  const at::Tensor q_len = lengths_as_int64(q_lengths);
-  const at::Tensor mask = key_padding_mask.has_value() ? *key_padding_mask : at::Tensor();
-  const Lengths L = make_lengths(kv_len, mask, q_len, Lq, Lk);
+Dropout make_dropout(double p, const c10::optional<at::Tensor>& seed) {
+  Dropout d;
+  if (p <= 0) return d;
+  TORCH_CHECK(seed.has_value() && seed->numel() >= 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+              "seed must be an int64 tensor with one element on the cpu when dropout_p > 0, got ",
+              seed.has_value() ? c10::str(seed->scalar_type(), " of shape ", seed->sizes(), " on ", seed->device()) : "None");
+  d.on = true;
+  d.seed = static_cast<uint64_t>(seed->contiguous().data_ptr<int64_t>()[0]);
+  d.threshold = dropout_threshold(p);
+  d.keep_scale = 1.0 / (1.0 - p);
+  return d;
+}
 
-  const int64_t q_blocks = (Lq + kBlockQ - 1) / kBlockQ;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const acc_t inf = std::numeric_limits<acc_t>::infinity();
-    const Rows<scalar_t, acc_t> Q(q), K(k), V(v), O(out);
-    acc_t* lse_p = lse.data_ptr<acc_t>();
-    at::parallel_for(0, B * Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_buf(kBlockQ * D), k_buf(kBlockK * D), v_buf(kBlockK * D),
-          s(kBlockQ * kBlockK), o(kBlockQ * D), m(kBlockQ), l(kBlockQ);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / (Hq * q_blocks);
-        const int64_t h = (task / q_blocks) % Hq, hk = h / group;
-        const int64_t i0 = (task % q_blocks) * kBlockQ;
-        const int64_t rows = std::min(kBlockQ, Lq - i0);
-        const int64_t valid = std::clamp<int64_t>(L.queries(b) - i0, 0, rows);
-        const int64_t n_keys = L.keys(b);
-        acc_t* lse_tile = lse_p + (b * Hq + h) * Lq + i0;
-        O.zero(b, h, i0 + valid, rows - valid);
-        std::fill(lse_tile + valid, lse_tile + rows, inf);
-        if (valid == 0) continue;
+// The rows of one query block: their key ranges and the union of those that are not empty.
+struct QueryBlock {
+  int64_t b, i0, rows;
+  std::vector<int64_t> lo, hi;
+  int64_t first = 0, last = 0;  // union of the rows' ranges, empty when last <= first
 
-        const auto [qs, ldq] = Q.tile(b, h, i0, valid, q_buf.data(), static_cast<acc_t>(scale));
-        std::fill(o.begin(), o.begin() + valid * D, acc_t(0));
-        std::fill(m.begin(), m.begin() + valid, -inf);
-        std::fill(l.begin(), l.begin() + valid, acc_t(0));
-        for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
-          const int64_t n = std::min(kBlockK, n_keys - j0);
-          const auto [kt, ldk] = K.tile(b, hk, j0, n, k_buf.data());
-          cpu::gemm<acc_t>(false, true, valid, n, D, 1, qs, ldq, kt, ldk, 0, s.data(), n);
-          apply_key_mask(L, b, j0, s.data(), valid, n);
-          online_softmax_step(s.data(), valid, n, o.data(), D, m.data(), l.data());
-          const auto [vt, ldv] = V.tile(b, hk, j0, n, v_buf.data());
-          cpu::gemm<acc_t>(false, false, valid, D, n, 1, s.data(), n, vt, ldv, 1, o.data(), D);
-        }
-        for (int64_t r = 0; r < valid; ++r) {
-          const bool empty = l[r] == acc_t(0);
-          const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
-          for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
-          lse_tile[r] = empty ? inf : m[r] + std::log(l[r]);
-        }
-        O.store(b, h, i0, valid, o.data());
+  QueryBlock(const Visibility& V, int64_t b_, int64_t i0_, int64_t rows_)
+      : b(b_), i0(i0_), rows(rows_), lo(rows_), hi(rows_) {
+    first = V.Lk;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::tie(lo[r], hi[r]) = V.range(b, i0 + r);
+      if (hi[r] > lo[r]) {
+        first = std::min(first, lo[r]);
+        last = std::max(last, hi[r]);
       }
-    });
+    }
+  }
+
+  bool active(int64_t r) const { return hi[r] > lo[r]; }
+
+  // What the rows make of keys [j0, j1): 0 nobody sees any, 1 every active row sees them all,
+  // 2 it differs by row or by key.
+  int tile_kind(const Visibility& V, int64_t j0, int64_t j1) const {
+    bool any = false, whole = true;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!active(r)) continue;
+      if (lo[r] < j1 && hi[r] > j0) any = true;
+      if (lo[r] > j0 || hi[r] < j1) whole = false;
+    }
+    if (!any) return 0;
+    const int m = V.mask_state(b, j0, j1);
+    if (m == 2) return 0;
+    return whole && m == 0 ? 1 : 2;
+  }
+
+  bool visible(const Visibility& V, int64_t r, int64_t j) const { return j >= lo[r] && j < hi[r] && !V.hidden(b, j); }
+};
+
+template <typename T>
+bool all_finite(const T* x, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      if (!std::isfinite(x[r * ld + c])) return false;
+    }
+  }
+  return true;
+}
+
+// rows (a, ld) of a K or V tile in acc_t with Dp columns: the tensor itself when it already is
+// (fp32/fp64 with D a multiple of the vector width), else a widened, zero-padded copy in buf.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> tile_rows(const Rows<scalar_t>& X, int64_t b, int64_t h, int64_t j0, int64_t n,
+                                           int64_t D, int64_t Dp, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (D == Dp) return {X.row(b, h, j0), X.sl};
+  }
+  cpu::pack_rows(X.row(b, h, j0), X.sl, n, D, acc_t(1), buf, Dp);
+  return {buf, Dp};
+}
+
+// Score tiles are key-major: st[t * ld + r] for key j0 + t and query row i0 + r, so that the
+// softmax runs down the keys with the query rows in the vector lanes.
+
+// Hides the scores of keys each row does not see (-inf) in a ragged tile; marks the rows that see
+// at least one key here.
+template <typename T>
+void hide_scores(const QueryBlock& blk, const Visibility& V, int64_t j0, int64_t n, T* st, int64_t ld, char* seen) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < blk.rows; ++r) {
+    if (!blk.active(r)) continue;
+    for (int64_t t = 0; t < n; ++t) {
+      if (blk.visible(V, r, j0 + t)) {
+        seen[r] = 1;
+      } else {
+        st[t * ld + r] = neg_inf;
+      }
+    }
+  }
+}
+
+// c[r] += sum over the keys j0 + t that row r sees of w[t][r] * x[t] (forward: P V; backward:
+// dS K), or with transposed = true, c[t] += sum over the rows r that see key j0 + t of
+// w[t][r] * x[r] (P^T dO, dS^T Q): the key-by-key form of those products, for a ragged tile whose
+// hidden keys (or rows) hold non-finite values, where 0 * NaN must not reach a visible sum.
+template <typename T>
+void visible_sum(bool transposed, const QueryBlock& blk, const Visibility& V, int64_t j0, int64_t n, const T* w,
+                 int64_t ldw, const T* x, int64_t ldx, T* c, int64_t ldc, int64_t D) {
+  for (int64_t r = 0; r < blk.rows; ++r) {
+    if (!blk.active(r)) continue;
+    for (int64_t t = 0; t < n; ++t) {
+      if (!blk.visible(V, r, j0 + t)) continue;
+      if (transposed) {
+        cpu::axpy(w[t * ldw + r], x + r * ldx, c + t * ldc, D);
+      } else {
+        cpu::axpy(w[t * ldw + r], x + t * ldx, c + r * ldc, D);
+      }
+    }
+  }
+}
+
+// One online-softmax step over a key-major tile (n keys x the block's rows, ld): st becomes
+// exp(st - m_new) with m_new the running max of each row, l and m are updated, and the returned
+// corrections exp(m_old - m_new) are what each row's output must be multiplied by.
+template <typename T>
+void online_softmax(T* st, int64_t n, int64_t ld, int64_t rows, T* m, T* l, T* corr) {
+  using VT = Vec<T>;
+  const VT neg_inf(-std::numeric_limits<T>::infinity()), zero(T(0));
+  for (int64_t r = 0; r < rows; r += VT::size()) {
+    VT mx = VT::loadu(m + r);
+    const VT m_old = mx;
+    for (int64_t t = 0; t < n; ++t) mx = at::vec::maximum(mx, VT::loadu(st + t * ld + r));  // NaN wins
+    // A row that has seen only hidden keys keeps m = -inf; subtracting 0 then keeps exp at 0.
+    const VT base = VT::blendv(mx, zero, mx == neg_inf);
+    VT sum = zero;
+    for (int64_t t = 0; t < n; ++t) {
+      const VT p = (VT::loadu(st + t * ld + r) - base).exp_u20();
+      p.store(st + t * ld + r);
+      sum = sum + p;
+    }
+    const VT c = (m_old - base).exp_u20();
+    (VT::loadu(l + r) * c + sum).store(l + r);
+    mx.store(m + r);
+    c.store(corr + r);
+  }
+}
+
+template <typename scalar_t, typename lse_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, const Visibility& V, const Dropout& drop, double scale) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t P = kPanel<acc_t>;
+  const int64_t B = V.B, Hq = V.Hq, Lq = V.Lq, D = q.size(3);
+  const int64_t group = Hq / k.size(1);
+  const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);  // padded head dim
+  const int64_t Rp = round_up(kBlockQ, P);                                  // score tile row width
+  const Rows<scalar_t> Q(q), K(k), Vv(v), O(out);
+  lse_t* lse_p = lse.data_ptr<lse_t>();
+  const int64_t q_blocks = (Lq + kBlockQ - 1) / kBlockQ;
+
+  struct Scratch {
+    std::vector<acc_t> qt, kbuf, vbuf, st, o, m, l, corr;
+    std::vector<char> seen;
+  };
+  auto make = [&] {
+    return Scratch{std::vector<acc_t>(Rp * Dp),     std::vector<acc_t>(kBlockK * Dp), std::vector<acc_t>(kBlockK * Dp),
+                   std::vector<acc_t>(kBlockK * Rp), std::vector<acc_t>(Rp * Dp),      std::vector<acc_t>(Rp),
+                   std::vector<acc_t>(Rp),           std::vector<acc_t>(Rp),           std::vector<char>(Rp)};
+  };
+  cpu::for_each_task(B * Hq * q_blocks, make, [&](int64_t task, Scratch& S) {
+    const int64_t b = task / (Hq * q_blocks), h = (task / q_blocks) % Hq, hk = h / group;
+    const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, Lq - i0);
+    const int64_t rp = round_up(rows, P);
+    const QueryBlock blk(V, b, i0, rows);
+    lse_t* lse_rows = lse_p + (b * Hq + h) * Lq + i0;
+    if (blk.last <= blk.first) {  // no row sees a key: all 0, lse +inf
+      O.zero(b, h, i0, i0 + rows, D);
+      std::fill(lse_rows, lse_rows + rows, std::numeric_limits<lse_t>::infinity());
+      return;
+    }
+    cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, static_cast<acc_t>(scale), S.qt.data());
+    std::fill(S.o.begin(), S.o.begin() + rp * Dp, acc_t(0));
+    std::fill(S.m.begin(), S.m.end(), -std::numeric_limits<acc_t>::infinity());
+    std::fill(S.l.begin(), S.l.end(), acc_t(0));
+    std::fill(S.seen.begin(), S.seen.end(), 0);
+    for (int64_t j0 = blk.first; j0 < blk.last; j0 += kBlockK) {
+      const int64_t n = std::min(kBlockK, blk.last - j0);
+      const int kind = blk.tile_kind(V, j0, j0 + n);
+      if (kind == 0) continue;
+      const auto [kt, ldk] = tile_rows(K, b, hk, j0, n, D, Dp, S.kbuf.data());
+      cpu::gemm<acc_t, false>(n, rp, Dp, kt, ldk, 1, S.qt.data(), Dp * P, P, S.st.data(), Rp);  // S^T = K (scale Q)^T
+      if (kind == 2) {
+        hide_scores(blk, V, j0, n, S.st.data(), Rp, S.seen.data());
+      } else {
+        for (int64_t r = 0; r < rows; ++r) S.seen[r] |= blk.active(r);
+      }
+      online_softmax(S.st.data(), n, Rp, rp, S.m.data(), S.l.data(), S.corr.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        if (S.corr[r] == acc_t(1)) continue;
+        acc_t* o = S.o.data() + r * Dp;
+        const acc_t c = S.corr[r];
+        at::vec::map([c](Vec<acc_t> x) { return x * Vec<acc_t>(c); }, o, o, Dp);
+      }
+      if (drop.on) {
+        for (int64_t r = 0; r < rows; ++r) drop.apply(S.st.data() + r, n, Rp, (b * Hq + h) * Lq + i0 + r, j0);
+      }
+      const auto [vt, ldv] = tile_rows(Vv, b, hk, j0, n, D, Dp, S.vbuf.data());
+      if (kind == 2 && !all_finite(vt, n, Dp, ldv)) {
+        visible_sum(false, blk, V, j0, n, S.st.data(), Rp, vt, ldv, S.o.data(), Dp, Dp);
+      } else {
+        cpu::gemm<acc_t, true>(rows, Dp, n, S.st.data(), 1, Rp, vt, P, ldv, S.o.data(), Dp);  // O += P V
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* o = S.o.data() + r * Dp;
+      if (!S.seen[r]) {  // no visible key (or a padded query): exactly 0
+        O.zero(b, h, i0 + r, i0 + r + 1, D);
+        lse_rows[r] = std::numeric_limits<lse_t>::infinity();
+      } else if (S.l[r] == acc_t(0)) {  // visible keys whose scores all overflowed: not empty, NaN
+        O.store(b, h, i0 + r, o, D, std::numeric_limits<acc_t>::quiet_NaN());
+        lse_rows[r] = -std::numeric_limits<lse_t>::infinity();
+      } else {
+        O.store(b, h, i0 + r, o, D, acc_t(1) / S.l[r]);
+        lse_rows[r] = static_cast<lse_t>(S.m[r]) + std::log(static_cast<lse_t>(S.l[r]));
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename lse_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq_t, const at::Tensor& dk_t,
+                     const at::Tensor& dv_t, const Visibility& V, const Dropout& drop, double scale) {
+  using acc_t = acc_type<scalar_t>;
+  using VT = Vec<acc_t>;
+  constexpr int64_t P = kPanel<acc_t>;
+  const int64_t B = V.B, Hq = V.Hq, Lq = V.Lq, Lk = V.Lk, D = q.size(3), Hkv = k.size(1);
+  const int64_t group = Hq / Hkv;
+  const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);
+  const int64_t Rp = round_up(kBlockQ, P);
+  const Rows<scalar_t> Q(q), K(k), Vv(v), O(out), dO(grad_out), dQ(dq_t), dK(dk_t), dV(dv_t);
+  const lse_t* lse_all = lse.data_ptr<lse_t>();
+
+  struct Scratch {
+    std::vector<acc_t> qt, dot, qrow, dorow, kbuf, vbuf, pt, dst, dq, delta, hi, lo, dk, dv;
+    std::vector<char> seen;  // unused here: hide_scores reports it for the forward
+  };
+  auto make = [&] {
+    return Scratch{std::vector<acc_t>(Rp * Dp),      std::vector<acc_t>(Rp * Dp),      std::vector<acc_t>(Rp * Dp),
+                   std::vector<acc_t>(Rp * Dp),      std::vector<acc_t>(kBlockK * Dp), std::vector<acc_t>(kBlockK * Dp),
+                   std::vector<acc_t>(kBlockK * Rp), std::vector<acc_t>(kBlockK * Rp), std::vector<acc_t>(Rp * Dp),
+                   std::vector<acc_t>(Rp),           std::vector<acc_t>(Rp),           std::vector<acc_t>(Rp),
+                   {},                               {},                               std::vector<char>(Rp)};
+  };
+  cpu::for_each_task(B * Hkv, make, [&](int64_t task, Scratch& S) {
+    const int64_t b = task / Hkv, hk = task % Hkv;
+    S.dk.assign(Lk * Dp, acc_t(0));
+    S.dv.assign(Lk * Dp, acc_t(0));
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, Lq - i0), rp = round_up(rows, P);
+        const QueryBlock blk(V, b, i0, rows);
+        if (blk.last <= blk.first) {
+          dQ.zero(b, h, i0, i0 + rows, D);
+          continue;
+        }
+        const acc_t sc = static_cast<acc_t>(scale);
+        cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, sc, S.qt.data());
+        cpu::pack_panels(dO.row(b, h, i0), dO.sl, rows, D, Dp, acc_t(1), S.dot.data());
+        cpu::pack_rows(Q.row(b, h, i0), Q.sl, rows, D, sc, S.qrow.data(), Dp);
+        cpu::pack_rows(dO.row(b, h, i0), dO.sl, rows, D, acc_t(1), S.dorow.data(), Dp);
+        const lse_t* lse_rows = lse_all + (b * Hq + h) * Lq + i0;
+        for (int64_t r = 0; r < rp; ++r) {
+          // Rows that see no key (lse +inf) and padding get P = exp(s - inf) = 0.
+          const lse_t x = r < rows && blk.active(r) ? lse_rows[r] : std::numeric_limits<lse_t>::infinity();
+          S.hi[r] = static_cast<acc_t>(x);
+          S.lo[r] = std::isfinite(x) ? static_cast<acc_t>(x - static_cast<lse_t>(S.hi[r])) : acc_t(0);
+          acc_t sum = 0;  // delta = rowsum(dO * O), the softmax-backward term
+          if (r < rows) {
+            const scalar_t* o = O.row(b, h, i0 + r);
+            for (int64_t d = 0; d < D; ++d) sum += S.dorow[r * Dp + d] * static_cast<acc_t>(o[d]);
+          }
+          S.delta[r] = sum;
+        }
+        const bool rows_finite = all_finite(S.qrow.data(), rows, Dp, Dp) && all_finite(S.dorow.data(), rows, Dp, Dp);
+        std::fill(S.dq.begin(), S.dq.begin() + rp * Dp, acc_t(0));
+        for (int64_t j0 = blk.first; j0 < blk.last; j0 += kBlockK) {
+          const int64_t n = std::min(kBlockK, blk.last - j0);
+          const int kind = blk.tile_kind(V, j0, j0 + n);
+          if (kind == 0) continue;
+          const auto [kt, ldk] = tile_rows(K, b, hk, j0, n, D, Dp, S.kbuf.data());
+          const auto [vt, ldv] = tile_rows(Vv, b, hk, j0, n, D, Dp, S.vbuf.data());
+          cpu::gemm<acc_t, false>(n, rp, Dp, kt, ldk, 1, S.qt.data(), Dp * P, P, S.pt.data(), Rp);    // S^T
+          cpu::gemm<acc_t, false>(n, rp, Dp, vt, ldv, 1, S.dot.data(), Dp * P, P, S.dst.data(), Rp);  // dP^T = V dO^T
+          if (kind == 2) hide_scores(blk, V, j0, n, S.pt.data(), Rp, S.seen.data());
+          for (int64_t t = 0; t < n; ++t) {
+            acc_t* p = S.pt.data() + t * Rp;
+            for (int64_t r = 0; r < rp; r += VT::size()) {
+              const VT s = VT::loadu(p + r);
+              ((s - VT::loadu(S.hi.data() + r)) - VT::loadu(S.lo.data() + r)).exp_u20().store(p + r);
+            }
+          }
+          if (drop.on) {  // dP of the kept keys, scaled: what the softmax backward sees
+            for (int64_t r = 0; r < rows; ++r) drop.apply(S.dst.data() + r, n, Rp, (b * Hq + h) * Lq + i0 + r, j0);
+          }
+          for (int64_t t = 0; t < n; ++t) {  // dS^T = P^T (dP^T - delta), exactly 0 where P is
+            const acc_t* p = S.pt.data() + t * Rp;
+            acc_t* ds = S.dst.data() + t * Rp;
+            for (int64_t r = 0; r < rp; r += VT::size()) {
+              const VT pv = VT::loadu(p + r);
+              const VT g = pv * (VT::loadu(ds + r) - VT::loadu(S.delta.data() + r));
+              VT::blendv(g, VT(acc_t(0)), pv == VT(acc_t(0))).store(ds + r);
+            }
+          }
+          if (drop.on) {  // P as it weighted V, for dV
+            for (int64_t r = 0; r < rows; ++r) drop.apply(S.pt.data() + r, n, Rp, (b * Hq + h) * Lq + i0 + r, j0);
+          }
+          // Hidden pairs have P = dS = 0 exactly; only a non-finite K (in dS K) or Q/dO row (in
+          // dS^T Q, P^T dO) could turn such a 0 into a NaN. V enters only through dP, whose
+          // hidden entries dS ignores.
+          if (kind == 2 && !(rows_finite && all_finite(kt, n, Dp, ldk))) {
+            visible_sum(false, blk, V, j0, n, S.dst.data(), Rp, kt, ldk, S.dq.data(), Dp, Dp);
+            visible_sum(true, blk, V, j0, n, S.pt.data(), Rp, S.dorow.data(), Dp, S.dv.data() + j0 * Dp, Dp, Dp);
+            visible_sum(true, blk, V, j0, n, S.dst.data(), Rp, S.qrow.data(), Dp, S.dk.data() + j0 * Dp, Dp, Dp);
+          } else {
+            cpu::gemm<acc_t, true>(rows, Dp, n, S.dst.data(), 1, Rp, kt, P, ldk, S.dq.data(), Dp);  // dQ += dS K
+            cpu::gemm<acc_t, true>(n, Dp, rows, S.pt.data(), Rp, 1, S.dorow.data(), P, Dp, S.dv.data() + j0 * Dp,
+                                   Dp);  // dV += P^T dO
+            cpu::gemm<acc_t, true>(n, Dp, rows, S.dst.data(), Rp, 1, S.qrow.data(), P, Dp, S.dk.data() + j0 * Dp,
+                                   Dp);  // dK += dS^T (scale Q)
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) dQ.store(b, h, i0 + r, S.dq.data() + r * Dp, D, static_cast<acc_t>(scale));
+      }
+    }
+    for (int64_t j = 0; j < Lk; ++j) {
+      dK.store(b, hk, j, S.dk.data() + j * Dp, D, acc_t(1));
+      dV.store(b, hk, j, S.dv.data() + j * Dp, D, acc_t(1));
+    }
+  });
+}
+
+void check_operand(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type(), name, " must have q's dtype and device (",
+              q.scalar_type(), " on ", q.device(), "), got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (B, H, L, D), got shape ", t.sizes());
+  check_last_dim_contiguous(t, name);
+}
+
+// Everything native_cross_attention and its backward index, checked: a malformed direct call
+// raises instead of reading out of bounds.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const c10::optional<at::Tensor>& kv_lengths, const c10::optional<at::Tensor>& key_padding_mask,
+                  const c10::optional<at::Tensor>& q_lengths, const c10::optional<at::Tensor>& kv_start,
+                  const c10::optional<at::Tensor>& kv_end) {
+  TORCH_CHECK(q.dim() == 4, "q must be 4-D (B, H, L, D), got shape ", q.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q must be a float tensor, got ", q.scalar_type());
+  check_last_dim_contiguous(q, "q");
+  check_operand(k, q, "k");
+  check_operand(v, q, "v");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k must be (B=", B, ", Hkv, Lk, D=", D, ") to match q, got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK((Hkv > 0 && Hq % Hkv == 0) || (Hkv == 0 && Hq == 0),
+              "q's heads must be a multiple of k's heads (grouped-query attention), got Hq=", Hq, ", Hkv=", Hkv);
+  check_index(kv_lengths, "kv_lengths", q, {B});
+  check_index(q_lengths, "q_lengths", q, {B});
+  check_index(kv_start, "kv_start", q, {B, Lq});
+  check_index(kv_end, "kv_end", q, {B, Lq});
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.device() == q.device(), "key_padding_mask must be bool on q's device (",
+                q.device(), "), got ", m.scalar_type(), " on ", m.device());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == k.size(2), "key_padding_mask must have shape (B, Lk) = (",
+                B, ", ", k.size(2), "), got ", m.sizes());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& kv_lengths,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths,
+    const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& kv_end, bool causal, double dropout_p,
+    const c10::optional<at::Tensor>& seed, double scale) {
+  check_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
+  const at::ScalarType lse_type = lse_dtype(q.scalar_type());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type));
+  if (out.numel() == 0 || k.size(2) == 0 || k.size(1) == 0) {
+    return {out.zero_(), lse.fill_(std::numeric_limits<double>::infinity())};
+  }
+  const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
+  const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
+  const Visibility V = make_visibility(q, k, kv_len, q_len, start, end, key_padding_mask, causal);
+  const Dropout drop = make_dropout(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_cpu", [&] {
+    if (lse_type == at::kDouble) {
+      forward_kernel<scalar_t, double>(q, k, v, out, lse, V, drop, scale);
+    } else {
+      forward_kernel<scalar_t, float>(q, k, v, out, lse, V, drop, scale);
+    }
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kv_lengths,
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& kv_lengths,
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths,
-    double scale) {
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2);
-  const int64_t group = Hkv > 0 ? Hq / Hkv : 1;
-  const at::ScalarType acc = acc_dtype(q.scalar_type());
-
-  at::Tensor grad_q = at::empty_like(q);
-  at::Tensor grad_k = at::empty_like(k);
-  at::Tensor grad_v = at::empty_like(v);
-  if (q.numel() == 0 || k.numel() == 0) {
-    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
-  }
-
-  const at::Tensor kv_len = lengths_as_int64(kv_lengths);
-  const at::Tensor q_len = lengths_as_int64(q_lengths);
-  const at::Tensor mask = key_padding_mask.has_value() ? *key_padding_mask : at::Tensor();
-  const Lengths L = make_lengths(kv_len, mask, q_len, Lq, Lk);
-  const at::Tensor lse_c = lse.to(acc).contiguous();
-
+    const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& kv_end, bool causal, double dropout_p,
+    const c10::optional<at::Tensor>& seed, double scale) {
+  check_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
+  check_operand(grad_out, q, "grad_out");
+  check_operand(out, q, "out");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape ",
+              q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  const at::ScalarType lse_type = lse_dtype(q.scalar_type());
+  TORCH_CHECK(lse.device() == q.device() && lse.dim() == 3 && lse.sizes() == q.sizes().slice(0, 3),
+              "lse must be the (B, Hq, Lq) log-sum-exp of the forward on q's device, got shape ", lse.sizes(), " on ",
+              lse.device());
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+  const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
+  const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
+  const Visibility V = make_visibility(q, k, kv_len, q_len, start, end, key_padding_mask, causal);
+  const Dropout drop = make_dropout(dropout_p, seed);
+  const at::Tensor lse_c = lse.to(lse_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const Rows<scalar_t, acc_t> Q(q), K(k), V(v), O(out), dO(grad_out), dQ(grad_q), dK(grad_k), dV(grad_v);
-    const acc_t* lse_all = lse_c.data_ptr<acc_t>();
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_buf(kBlockQ * D), do_buf(kBlockQ * D), o_buf(kBlockQ * D), k_buf(kBlockK * D),
-          v_buf(kBlockK * D), p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ);
-      std::vector<acc_t> dk, dv;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / Hkv, hk = task % Hkv;
-        const int64_t n_keys = L.keys(b), q_valid = L.queries(b);
-        dk.assign(n_keys * D, acc_t(0));
-        dv.assign(n_keys * D, acc_t(0));
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          dQ.zero(b, h, q_valid, Lq - q_valid);
-          for (int64_t i0 = 0; i0 < q_valid; i0 += kBlockQ) {
-            const int64_t rows = std::min(kBlockQ, q_valid - i0);
-            const auto [qs, ldq] = Q.tile(b, h, i0, rows, q_buf.data(), static_cast<acc_t>(scale));
-            const auto [dout, lddo] = dO.tile(b, h, i0, rows, do_buf.data());
-            const auto [o, ldo] = O.tile(b, h, i0, rows, o_buf.data());
-            // delta_i = rowsum(dO_i * O_i): the softmax-backward term, once per query tile.
-            for (int64_t r = 0; r < rows; ++r) delta[r] = dot(dout + r * lddo, o + r * ldo, D);
-            const acc_t* lse_p = lse_all + (b * Hq + h) * Lq + i0;
-            std::fill(dq.begin(), dq.begin() + rows * D, acc_t(0));
-            for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
-              const int64_t n = std::min(kBlockK, n_keys - j0);
-              const auto [kt, ldk] = K.tile(b, hk, j0, n, k_buf.data());
-              const auto [vt, ldv] = V.tile(b, hk, j0, n, v_buf.data());
-              cpu::gemm<acc_t>(false, true, rows, n, D, 1, qs, ldq, kt, ldk, 0, p.data(), n);
-              apply_key_mask(L, b, j0, p.data(), rows, n);
-              probabilities_from_lse(p.data(), rows, n, lse_p);
-              cpu::gemm<acc_t>(true, false, n, D, rows, 1, p.data(), n, dout, lddo, 1, dv.data() + j0 * D, D);
-              cpu::gemm<acc_t>(false, true, rows, n, D, 1, dout, lddo, vt, ldv, 0, ds.data(), n);
-              for (int64_t r = 0; r < rows; ++r) {
-                acc_t* dsr = ds.data() + r * n;
-                const acc_t* pr = p.data() + r * n;
-                for (int64_t j = 0; j < n; ++j) dsr[j] = pr[j] * (dsr[j] - delta[r]);
-              }
-              cpu::gemm<acc_t>(true, false, n, D, rows, 1, ds.data(), n, qs, ldq, 1, dk.data() + j0 * D, D);
-              cpu::gemm<acc_t>(false, false, rows, D, n, 1, ds.data(), n, kt, ldk, 1, dq.data(), D);
-            }
-            dQ.store(b, h, i0, rows, dq.data(), static_cast<acc_t>(scale));
-          }
-        }
-        dK.store(b, hk, 0, n_keys, dk.data());
-        dV.store(b, hk, 0, n_keys, dv.data());
-        dK.zero(b, hk, n_keys, Lk - n_keys);
-        dV.zero(b, hk, n_keys, Lk - n_keys);
-      }
-    });
+    if (lse_type == at::kDouble) {
+      backward_kernel<scalar_t, double>(grad_out, q, k, v, out, lse_c, grad_q, grad_k, grad_v, V, drop, scale);
+    } else {
+      backward_kernel<scalar_t, float>(grad_out, q, k, v, out, lse_c, grad_q, grad_k, grad_v, V, drop, scale);
+    }
   });
   return {grad_q, grad_k, grad_v};
 }

@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "../common.h"
+#include "../philox.h"
 #include "attention/params.h"
 
 namespace mmkernels {
@@ -49,9 +50,12 @@ Operand operand(const at::Tensor& t, const at::Tensor& q, const char* name) {
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Fills everything but the outputs. The int64 copies of the lengths must outlive the launch.
+// Fills everything but the outputs. The int64 copies of the lengths and ranges must outlive the
+// launch; so must the seed.
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_len,
-                   const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& q_len, double scale) {
+                   const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& q_len, const at::Tensor& start,
+                   const at::Tensor& end, bool causal, double dropout_p, const c10::optional<at::Tensor>& seed,
+                   double scale) {
   Params p;
   p.q = operand(q, q, "q");
   p.k = operand(k, q, "k");
@@ -66,19 +70,44 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.Hkv = k.size(1);
   p.Lk = k.size(2);
   p.scale = static_cast<float>(scale);
+  p.causal = causal;
   p.kv_lengths = kv_len.defined() ? kv_len.data_ptr<int64_t>() : nullptr;
   p.q_lengths = q_len.defined() ? q_len.data_ptr<int64_t>() : nullptr;
+  p.kv_start = start.defined() ? start.data_ptr<int64_t>() : nullptr;
+  p.kv_end = end.defined() ? end.data_ptr<int64_t>() : nullptr;
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == p.B &&
-                    m.size(1) == p.Lk,
-                "key_padding_mask must be bool (B, Lk) on q's device, got ", m.scalar_type(), " ", m.sizes(), " on ",
-                m.device());
     p.mask = m.data_ptr<bool>();
     p.mask_sb = m.stride(0);
     p.mask_sk = m.stride(1);
   }
+  if (dropout_p > 0) {
+    TORCH_CHECK(seed.has_value() && seed->numel() >= 1 && seed->scalar_type() == at::kLong && seed->device() == q.device(),
+                "seed must be an int64 tensor with one element on q's device when dropout_p > 0");
+    p.seed = seed->data_ptr<int64_t>();
+    p.dropout_threshold = dropout_threshold(dropout_p);
+    p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  }
   return p;
+}
+
+// Everything the kernels index, checked: a malformed direct call of the native op raises.
+void check_visibility(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& kv_lengths,
+                      const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths,
+                      const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& kv_end) {
+  TORCH_CHECK(k.dim() == 4, "k must be 4-D (B, H, L, D), got shape ", k.sizes());
+  const int64_t B = q.size(0), Lq = q.size(2);
+  check_index(kv_lengths, "kv_lengths", q, {B});
+  check_index(q_lengths, "q_lengths", q, {B});
+  check_index(kv_start, "kv_start", q, {B, Lq});
+  check_index(kv_end, "kv_end", q, {B, Lq});
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
+                    m.size(1) == k.size(2),
+                "key_padding_mask must be bool (B, Lk) on q's device, got ", m.scalar_type(), " ", m.sizes(), " on ",
+                m.device());
+  }
 }
 
 int choose_kv_splits(const Params& p) {
@@ -105,20 +134,23 @@ void run(bool backward, const at::Tensor& q, const Params& p) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const c10::optional<at::Tensor>& kv_lengths,
-                                                        const c10::optional<at::Tensor>& key_padding_mask,
-                                                        const c10::optional<at::Tensor>& q_lengths, double scale) {
+std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& kv_lengths,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths,
+    const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& kv_end, bool causal, double dropout_p,
+    const c10::optional<at::Tensor>& seed, double scale) {
+  TORCH_CHECK(q.dim() == 4, "q must be 4-D (B, H, L, D), got shape ", q.sizes());
   check_supported(q);
+  check_visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0 || k.numel() == 0) {  // nothing to attend to: 0 and +inf
     return {out.zero_(), lse.fill_(std::numeric_limits<float>::infinity())};
   }
-  const at::Tensor kv_len = lengths_as_int64(kv_lengths);
-  const at::Tensor q_len = lengths_as_int64(q_lengths);
-  Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, scale);
+  const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
+  const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
+  Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, start, end, causal, dropout_p, seed, scale);
   p.out = operand(out, q, "out");
   p.lse = lse.data_ptr<float>();
   p.kv_splits = choose_kv_splits(p);
@@ -136,28 +168,33 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& kv_lengths,
-    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths, double scale) {
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths,
+    const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& kv_end, bool causal, double dropout_p,
+    const c10::optional<at::Tensor>& seed, double scale) {
+  TORCH_CHECK(q.dim() == 4, "q must be 4-D (B, H, L, D), got shape ", q.sizes());
   check_supported(q);
+  check_visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::empty_like(k);
   at::Tensor grad_v = at::empty_like(v);
   if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
 
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == q.sizes().slice(0, 3),
-              "lse must be the contiguous float32 (B, Hq, Lq) log-sum-exp of the forward, got ", lse.scalar_type(), " ",
-              lse.sizes());
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == q.sizes().slice(0, 3),
+              "lse must be the contiguous float32 (B, Hq, Lq) log-sum-exp of the forward on q's device, got ",
+              lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
   // Autograd hands over the gradient in whatever layout it made; copying a misaligned one is
   // cheaper than refusing it, and the gradients of q, k and v stay in their inputs' layouts.
-  const at::Tensor dout = grad_out.dim() == 4 && grad_out.stride(3) == 1 && rows_aligned(grad_out)
+  const at::Tensor dout = grad_out.stride(3) == 1 && rows_aligned(grad_out)
                               ? grad_out
                               : at::empty_like(grad_out, at::MemoryFormat::Contiguous).copy_(grad_out);
-  const at::Tensor kv_len = lengths_as_int64(kv_lengths);
-  const at::Tensor q_len = lengths_as_int64(q_lengths);
+  const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
+  const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
   at::Tensor delta = at::empty_like(lse);
-  Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, scale);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape ",
-              q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  Params p = make_params(q, k, v, kv_len, key_padding_mask, q_len, start, end, causal, dropout_p, seed, scale);
   p.out = operand(out, q, "out");
   p.dout = operand(dout, q, "grad_out");
   p.dq = operand(grad_q, q, "grad_q");

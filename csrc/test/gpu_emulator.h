@@ -55,6 +55,7 @@ struct Cta {
   }
   std::barrier<> sync;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::atomic<int> any{0};  // __syncthreads_or
 };
 
 inline Cta* cta = nullptr;
@@ -156,6 +157,19 @@ void run_grid(Kernel* kernel, dim3 grid, int threads, BeforeCta&& before_cta, co
 #define gridDim emu::grid_dim
 
 inline void __syncthreads() { emu::cta->sync.arrive_and_wait(); }
+
+// A barrier that returns whether any thread's predicate was non-zero: everyone arrives, the
+// predicates are or-ed, everyone reads, and thread 0 clears the flag before anyone can set it
+// again (the first barrier of the next call waits for it).
+inline int __syncthreads_or(int predicate) {
+  emu::cta->sync.arrive_and_wait();
+  if (predicate) emu::cta->any = 1;
+  emu::cta->sync.arrive_and_wait();
+  const int result = emu::cta->any.load();
+  emu::cta->sync.arrive_and_wait();
+  if (threadIdx.x == 0) emu::cta->any = 0;
+  return result;
+}
 inline float __expf(float x) { return std::exp(x); }
 
 inline float __shfl_xor_sync(unsigned, float x, int offset) {

@@ -1,11 +1,13 @@
 // The CUDA attention kernels, run on the CPU by gpu_emulator.h through their real launchers
 // (run_forward / run_backward), against attention computed in double: outputs, log-sum-exp and
 // all three gradients, over GQA, strided layouts, kv_lengths, key_padding_mask, q_lengths,
-// a batch with no visible key, and tails of both lengths.
+// per-row key ranges (kv_start/kv_end), causal, dropout, a batch with no visible key, and tails
+// of both lengths. Keys that no query row sees hold NaN: they must never reach a result.
 #include "gpu_emulator.h"
 
 #include "../cuda/attention/backward.cuh"
 #include "../cuda/attention/forward.cuh"
+#include "../philox.h"
 
 #include <cstdio>
 #include <random>
@@ -20,6 +22,19 @@ struct Case {
   std::string name;
   int B, Hq, Hkv, Lq, Lk;
   bool kv_lengths, mask, q_lengths, blhd;  // blhd: (B, L, H, D) storage seen as (B, H, L, D)
+  bool ranges = false, causal = false;
+  double dropout = 0;
+};
+
+// Which keys each query row sees: everything the call says, as DESIGN.md §1 defines it.
+struct Visibility {
+  const Case& c;
+  std::vector<int64_t> kv_len, q_len, start, end;
+  std::vector<uint8_t> mask;
+  bool operator()(int b, int i, int j) const {
+    return i < q_len[b] && j < kv_len[b] && !mask[size_t(b) * c.Lk + j] && start[size_t(b) * c.Lq + i] <= j &&
+           j < end[size_t(b) * c.Lq + i] && (!c.causal || j <= i + c.Lk - c.Lq);
+  }
 };
 
 // A (B, H, L, D) operand in T over its own storage, in either layout.
@@ -46,8 +61,7 @@ struct Reference {
 
 template <typename T>
 Reference attention(const Case& c, int D, Tensor<T>& q, Tensor<T>& k, Tensor<T>& v, Tensor<T>& dout,
-                    const std::vector<int64_t>& kv_len, const std::vector<int64_t>& q_len, const std::vector<uint8_t>& mask,
-                    double scale) {
+                    const Visibility& visible, uint64_t seed, double scale) {
   Reference r;
   r.out.assign(size_t(c.B) * c.Hq * c.Lq * D, 0);
   r.dq.assign(r.out.size(), 0);
@@ -55,17 +69,19 @@ Reference attention(const Case& c, int D, Tensor<T>& q, Tensor<T>& k, Tensor<T>&
   r.dk.assign(size_t(c.B) * c.Hkv * c.Lk * D, 0);
   r.dv.assign(r.dk.size(), 0);
   const int group = c.Hq / c.Hkv;
-  std::vector<double> p(c.Lk), dp(c.Lk);
+  const uint64_t threshold = mmkernels::dropout_threshold(c.dropout);
+  const double keep_scale = 1.0 / (1.0 - c.dropout);
+  std::vector<double> p(c.Lk), dp(c.Lk), z(c.Lk);
   for (int b = 0; b < c.B; ++b) {
     for (int h = 0; h < c.Hq; ++h) {
       const int hk = h / group;
-      for (int i = 0; i < q_len[b]; ++i) {
+      for (int i = 0; i < c.Lq; ++i) {
         double mx = -INFINITY;
         for (int j = 0; j < c.Lk; ++j) {
-          const bool visible = j < kv_len[b] && !mask[b * c.Lk + j];
           double s = 0;
-          for (int d = 0; d < D; ++d) s += q.get(b, h, i, d) * k.get(b, hk, j, d);
-          p[j] = visible ? s * scale : -INFINITY;
+          if (visible(b, i, j))
+            for (int d = 0; d < D; ++d) s += q.get(b, h, i, d) * k.get(b, hk, j, d);
+          p[j] = visible(b, i, j) ? s * scale : -INFINITY;
           mx = std::max(mx, p[j]);
         }
         if (mx == -INFINITY) continue;  // no visible key: 0, +inf, no gradient
@@ -73,23 +89,31 @@ Reference attention(const Case& c, int D, Tensor<T>& q, Tensor<T>& k, Tensor<T>&
         for (int j = 0; j < c.Lk; ++j) sum += (p[j] = std::exp(p[j] - mx));
         const size_t row = ((size_t(b) * c.Hq + h) * c.Lq + i);
         r.lse[row] = mx + std::log(sum);
-        double delta = 0;  // hidden keys (p = 0) are skipped: their values may be NaN
+        std::vector<double> out(D, 0);
         for (int j = 0; j < c.Lk; ++j) {
           p[j] /= sum;
+          const mmkernels::Philox4 x = mmkernels::philox4x32(row, static_cast<uint32_t>(j >> 2), seed);
+          const double keep = c.dropout == 0 || x.x[j & 3] >= threshold ? keep_scale : 0;
+          z[j] = visible(b, i, j) ? p[j] * (c.dropout == 0 ? 1 : keep) : 0;
           dp[j] = 0;
-          if (p[j] == 0) continue;
-          for (int d = 0; d < D; ++d) dp[j] += dout.get(b, h, i, d) * v.get(b, hk, j, d);
-          delta += p[j] * dp[j];
+          if (!visible(b, i, j)) continue;  // hidden keys hold NaN
+          for (int d = 0; d < D; ++d) {
+            dp[j] += dout.get(b, h, i, d) * v.get(b, hk, j, d);
+            out[d] += z[j] * v.get(b, hk, j, d);
+          }
+          dp[j] *= c.dropout == 0 ? 1 : keep;
         }
+        double delta = 0;  // rowsum(dO * O)
+        for (int d = 0; d < D; ++d) delta += dout.get(b, h, i, d) * out[d];
+        for (int d = 0; d < D; ++d) r.out[row * D + d] = out[d];
         for (int j = 0; j < c.Lk; ++j) {
-          if (p[j] == 0) continue;
+          if (!visible(b, i, j)) continue;
           const double ds = p[j] * (dp[j] - delta);
           const size_t kv_row = (size_t(b) * c.Hkv + hk) * c.Lk + j;
           for (int d = 0; d < D; ++d) {
-            r.out[row * D + d] += p[j] * v.get(b, hk, j, d);
             r.dq[row * D + d] += scale * ds * k.get(b, hk, j, d);
             r.dk[kv_row * D + d] += scale * ds * q.get(b, h, i, d);
-            r.dv[kv_row * D + d] += p[j] * dout.get(b, h, i, d);
+            r.dv[kv_row * D + d] += z[j] * dout.get(b, h, i, d);
           }
         }
       }
@@ -132,26 +156,57 @@ void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
   Tensor<T> dout(c.B, c.Hq, c.Lq, D, false);
   for (auto* t : {&q, &k, &v, &dout})
     for (auto& x : t->data) x = T(normal(gen));
-  std::vector<int64_t> kv_len(c.B, c.Lk), q_len(c.B, c.Lq);
-  std::vector<uint8_t> mask(size_t(c.B) * c.Lk, 0);
+  Visibility vis{c, std::vector<int64_t>(c.B, c.Lk), std::vector<int64_t>(c.B, c.Lq),
+                 std::vector<int64_t>(size_t(c.B) * c.Lq, 0), std::vector<int64_t>(size_t(c.B) * c.Lq, c.Lk),
+                 std::vector<uint8_t>(size_t(c.B) * c.Lk, 0)};
   for (int b = 0; b < c.B; ++b) {
-    if (c.kv_lengths) kv_len[b] = b == 0 ? 0 : 1 + int(uniform(gen) * c.Lk) % c.Lk;  // batch 0 sees nothing
-    if (c.q_lengths) q_len[b] = int(uniform(gen) * (c.Lq + 1)) % (c.Lq + 1);
+    if (c.kv_lengths) vis.kv_len[b] = b == 0 ? 0 : 1 + int(uniform(gen) * c.Lk) % c.Lk;  // batch 0 sees nothing
+    if (c.q_lengths) vis.q_len[b] = int(uniform(gen) * (c.Lq + 1)) % (c.Lq + 1);
     if (c.mask)
-      for (int j = 0; j < c.Lk; ++j) mask[b * c.Lk + j] = uniform(gen) < 0.3f;
+      for (int j = 0; j < c.Lk; ++j) vis.mask[b * c.Lk + j] = uniform(gen) < 0.3f;
+    if (c.ranges) {
+      // Two "images": the first half of the text sees the first third of the keys, the second
+      // half the last third (the middle third is seen by nobody), row 0 nothing, and some rows
+      // a random span; out-of-range and reversed values are clamped or empty.
+      for (int i = 0; i < c.Lq; ++i) {
+        int64_t& s = vis.start[size_t(b) * c.Lq + i];
+        int64_t& e = vis.end[size_t(b) * c.Lq + i];
+        if (i == 0) {
+          s = 5, e = 5;
+        } else if (i % 7 == 3) {
+          s = int(uniform(gen) * c.Lk) - 3, e = int(uniform(gen) * (c.Lk + 10));
+        } else if (i < c.Lq / 2) {
+          s = 0, e = c.Lk / 3;
+        } else {
+          s = 2 * c.Lk / 3, e = c.Lk + 7;
+        }
+      }
+    }
   }
-  // Padded keys hold NaN: they must never reach a result.
+  std::vector<int64_t> start_clamped(vis.start), end_clamped(vis.end);  // the reference clamps as the kernel does
+  for (auto& x : start_clamped) x = std::clamp<int64_t>(x, 0, c.Lk);
+  for (auto& x : end_clamped) x = std::clamp<int64_t>(x, 0, c.Lk);
+  std::vector<int64_t> raw_start = vis.start, raw_end = vis.end;
+  vis.start = start_clamped;
+  vis.end = end_clamped;
+  // Keys no query row sees hold NaN: they must never reach a result.
+  std::vector<bool> seen_key(size_t(c.B) * c.Lk, false);
+  for (int b = 0; b < c.B; ++b)
+    for (int i = 0; i < c.Lq; ++i)
+      for (int j = 0; j < c.Lk; ++j) seen_key[size_t(b) * c.Lk + j] = seen_key[size_t(b) * c.Lk + j] || vis(b, i, j);
   for (int b = 0; b < c.B; ++b)
     for (int h = 0; h < c.Hkv; ++h)
-      for (int j = kv_len[b]; j < c.Lk; ++j)
-        for (int d = 0; d < D; ++d) k.at(b, h, j, d) = v.at(b, h, j, d) = T(NAN);
+      for (int j = 0; j < c.Lk; ++j)
+        if (!seen_key[size_t(b) * c.Lk + j])
+          for (int d = 0; d < D; ++d) k.at(b, h, j, d) = v.at(b, h, j, d) = T(NAN);
 
   const double scale = 1.0 / std::sqrt(double(D));
   Tensor<T> out(c.B, c.Hq, c.Lq, D, c.blhd), dq(c.B, c.Hq, c.Lq, D, c.blhd);
   Tensor<T> dk(c.B, c.Hkv, c.Lk, D, c.blhd), dv(c.B, c.Hkv, c.Lk, D, c.blhd);
   std::vector<float> lse(size_t(c.B) * c.Hq * c.Lq), delta(lse.size());
-  std::unique_ptr<bool[]> mask_data(new bool[mask.size()]);
-  for (size_t i = 0; i < mask.size(); ++i) mask_data[i] = mask[i];
+  std::unique_ptr<bool[]> mask_data(new bool[vis.mask.size()]);
+  for (size_t i = 0; i < vis.mask.size(); ++i) mask_data[i] = vis.mask[i];
+  const int64_t seed = 0x5eed1234abcdLL;
 
   Params p;
   p.q = q.operand();
@@ -164,8 +219,16 @@ void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
   p.dv = dv.operand();
   p.lse = lse.data();
   p.delta = delta.data();
-  p.kv_lengths = c.kv_lengths ? kv_len.data() : nullptr;
-  p.q_lengths = c.q_lengths ? q_len.data() : nullptr;
+  p.kv_lengths = c.kv_lengths ? vis.kv_len.data() : nullptr;
+  p.q_lengths = c.q_lengths ? vis.q_len.data() : nullptr;
+  p.kv_start = c.ranges ? raw_start.data() : nullptr;
+  p.kv_end = c.ranges ? raw_end.data() : nullptr;
+  p.causal = c.causal;
+  if (c.dropout > 0) {
+    p.seed = &seed;
+    p.dropout_threshold = mmkernels::dropout_threshold(c.dropout);
+    p.keep_scale = static_cast<float>(1.0 / (1.0 - c.dropout));
+  }
   p.mask = c.mask ? mask_data.get() : nullptr;
   p.mask_sb = c.Lk;
   p.mask_sk = 1;
@@ -178,16 +241,16 @@ void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
   mmkernels::attention::run_forward<T, D>(p, nullptr);
   mmkernels::attention::run_backward<T, D>(p, nullptr);
 
-  const Reference r = attention(c, D, q, k, v, dout, kv_len, q_len, mask, scale);
-  // Padded queries and queries that see no key; hidden keys and keys that no query sees.
+  const Reference r = attention(c, D, q, k, v, dout, vis, static_cast<uint64_t>(seed), scale);
+  // Queries that see no key (padded ones included); keys that no query sees.
   std::vector<bool> zero_q(size_t(c.B) * c.Lq), zero_k(size_t(c.B) * c.Lk);
   for (int b = 0; b < c.B; ++b) {
-    bool any_key = false;
-    for (int j = 0; j < c.Lk; ++j) {
-      zero_k[size_t(b) * c.Lk + j] = j >= kv_len[b] || mask[size_t(b) * c.Lk + j] || q_len[b] == 0;
-      any_key |= !zero_k[size_t(b) * c.Lk + j];
+    for (int j = 0; j < c.Lk; ++j) zero_k[size_t(b) * c.Lk + j] = !seen_key[size_t(b) * c.Lk + j];
+    for (int i = 0; i < c.Lq; ++i) {
+      bool any = false;
+      for (int j = 0; j < c.Lk && !any; ++j) any = vis(b, i, j);
+      zero_q[size_t(b) * c.Lq + i] = !any;
     }
-    for (int i = 0; i < c.Lq; ++i) zero_q[size_t(b) * c.Lq + i] = i >= q_len[b] || !any_key;
   }
   compare("out", out, r.out, zero_q, tol);
   double lse_err = 0;
@@ -240,6 +303,9 @@ int main() {
   const Case ragged{"gqa+kv_lengths+mask+q_lengths, blhd", 3, 4, 2, 37, 129, true, true, true, true};
   const Case gqa{"gqa 4:1 + kv_lengths, Lq > Lk", 2, 4, 1, 80, 65, true, false, false, true};
   const Case single{"Lq = Lk = 1 + mask", 2, 2, 2, 1, 1, false, true, false, false};
+  const Case ranges{"ranges + mask + kv_lengths, two images", 2, 4, 2, 70, 200, true, true, false, true, true};
+  const Case causal{"causal, Lq < Lk, q_lengths", 2, 2, 1, 45, 150, false, false, true, false, false, true};
+  const Case dropout{"dropout 0.3 + ranges + causal", 2, 2, 2, 66, 130, false, false, false, false, true, true, 0.3};
   // The forward with all keys in one CTA and split three ways (empty splits included), with
   // copies landing at once; then once more with copies landing only when waited for
   // (gpu_emulator.h), unsplit so that every pipeline has several steps.
@@ -253,6 +319,9 @@ int main() {
       run_case<__half, 128>(ragged, "fp16", 3e-3, splits);
       run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2, splits);
       run_case<__half, 64>(single, "fp16", 3e-3, splits);
+      run_case<__half, 64>(ranges, "fp16", 3e-3, splits);
+      run_case<__nv_bfloat16, 128>(causal, "bf16", 2.5e-2, splits);
+      run_case<__half, 128>(dropout, "fp16", 3e-3, splits);
     }
   }
   if (emu::unfinished_copies) {

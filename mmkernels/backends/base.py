@@ -22,28 +22,41 @@ class Problem:
 
     @staticmethod
     def of(op: str, *tensors: torch.Tensor, head_dim: int = 0, modalities: int = 0) -> "Problem":
-        """Judged on tensors[0]'s device and dtype, and on the row alignment of all of them."""
+        """Judged on tensors[0]'s device and dtype, and on the row alignment of all of them
+        (which only the cuda backend needs, so it is only looked at on CUDA)."""
         t = tensors[0]
-        return Problem(op, t.device, t.dtype, head_dim, modalities, all(map(rows_aligned, tensors)))
+        aligned = t.device.type != "cuda" or all(map(rows_aligned, tensors))
+        return Problem(op, t.device, t.dtype, head_dim, modalities, aligned)
 
 
 def rows_aligned(t: torch.Tensor) -> bool:
     """Whether every row (last dim) of t starts on a 16-byte boundary, as kernels that move rows
-    in 16-byte pieces need: an aligned start, and strides of the leading dims in whole 16 bytes."""
-    if t.data_ptr() % 16:
+    in 16-byte pieces need: an aligned start, and strides of the leading dims in whole 16 bytes.
+    While torch.compile traces (fake tensors have no address) the storage is taken to be
+    aligned, as every torch allocation is; the kernel checks the real address again."""
+    start = t.storage_offset() * t.element_size()
+    try:
+        start += t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a fake tensor
+        pass
+    if start % 16:
         return False
     per_16_bytes = max(1, 16 // t.element_size())
     return all(stride % per_16_bytes == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1)
 
 
-def co_attention_by_two_calls(attend, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
+def co_attention_by_two_calls(attend, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b,
+                              kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
     """co_attention from a backend's cross_attention: a over b's keys, then b over a's."""
-    return (*attend(q_a, k_b, v_b, lengths_b, None, lengths_a, scale),
-            *attend(q_b, k_a, v_a, lengths_a, None, lengths_b, scale))
+    return (*attend(q_a, k_b, v_b, lengths_b, None, lengths_a, kv_start_a, kv_end_a, False, 0.0, None, scale),
+            *attend(q_b, k_a, v_a, lengths_a, None, lengths_b, kv_start_b, kv_end_b, False, 0.0, None, scale))
 
 
 def co_attention_backward_by_two_calls(attend_backward, grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b,
-                                       out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
-    dq_a, dk_b, dv_b = attend_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale)
-    dq_b, dk_a, dv_a = attend_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale)
+                                       out_a, lse_a, out_b, lse_b, lengths_a, lengths_b,
+                                       kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
+    dq_a, dk_b, dv_b = attend_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a,
+                                       kv_start_a, kv_end_a, False, 0.0, None, scale)
+    dq_b, dk_a, dv_a = attend_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b,
+                                       kv_start_b, kv_end_b, False, 0.0, None, scale)
     return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b

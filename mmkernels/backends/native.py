@@ -54,14 +54,12 @@ def _why_not_cuda_attention(p: Problem, explicit: bool) -> str | None:
     return None
 
 
-def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
-    return _native.native_cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale)
+def cross_attention(q, k, v, *visibility):
+    return _native.native_cross_attention(q, k, v, *visibility)
 
 
-def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale):
-    return _native.native_cross_attention_backward(
-        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale
-    )
+def cross_attention_backward(grad_out, q, k, v, out, lse, *visibility):
+    return _native.native_cross_attention_backward(grad_out, q, k, v, out, lse, *visibility)
 
 
 def concat_weighted_fusion(features, weight, bias, values, concat):

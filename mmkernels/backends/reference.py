@@ -7,47 +7,128 @@ import torch
 from mmkernels.backends.base import acc_dtype, co_attention_backward_by_two_calls, co_attention_by_two_calls
 
 
-def _visible_keys(q, k, kv_lengths, key_padding_mask):
-    """(B, 1, 1, Lk) bool: True where a key takes part."""
-    B, Lk = q.shape[0], k.shape[2]
-    visible = torch.ones(B, Lk, dtype=torch.bool, device=q.device)
+# Philox4x32-10, the counter-based generator of attention dropout. Every backend draws the same
+# numbers (Triton's tl.philox, csrc/philox.h): for batch b, query head h, query row i and key j,
+# the counter is (row, row >> 32, j >> 2, 0) with row = (b * Hq + h) * Lq + i, the key is the
+# 64-bit seed, and output j & 3 of the four is the draw. A key is kept when its draw, as an
+# unsigned 32-bit integer, is >= dropout_threshold(p); kept probabilities are scaled by 1 / (1 - p).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_M32, _M16 = 0xFFFFFFFF, 0xFFFF
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of a * b, a a 32-bit constant and b an int64 tensor of 32-bit values,
+    from 16-bit pieces so that no intermediate leaves int64."""
+    a_hi, a_lo = a >> 16, a & _M16
+    b_hi, b_lo = b >> 16, b & _M16
+    ll, hl, lh, hh = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi, a_hi * b_hi
+    mid = (ll >> 16) + (hl & _M16) + (lh & _M16)
+    return hh + (hl >> 16) + (lh >> 16) + (mid >> 16), (ll & _M16) | ((mid & _M16) << 16)
+
+
+def philox(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """The four 32-bit outputs (int64 tensors) of Philox4x32 for counters c0..c3 and a 64-bit key."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """Draws below this (of 2**32) are dropped."""
+    return min(int(p * 2**32), 2**32)
+
+
+def dropout_keep(seed: torch.Tensor, B: int, H: int, Lq: int, Lk: int, p: float) -> torch.Tensor:
+    """(B, H, Lq, Lk) bool: the keys attention dropout keeps, as every backend draws them."""
+    device = seed.device
+    row = torch.arange(B * H * Lq, device=device, dtype=torch.int64).view(-1, 1)
+    quad = torch.arange((Lk + 3) // 4, device=device, dtype=torch.int64).view(1, -1)
+    zero = torch.zeros_like(quad)
+    outs = philox(int(seed.reshape(-1)[0]), (row & _M32) + zero, (row >> 32) + zero, quad + 0 * row, zero + 0 * row)
+    draws = torch.stack(outs, dim=-1).view(B * H * Lq, -1)[:, :Lk]
+    return (draws >= dropout_threshold(p)).view(B, H, Lq, Lk)
+
+
+def visible_keys(q, k, kv_lengths=None, key_padding_mask=None, q_lengths=None, kv_start=None, kv_end=None, causal=False):
+    """(B, 1, Lq, Lk) bool: which key each query row sees. Every rule intersects: kv_lengths and
+    key_padding_mask (per batch), q_lengths (padded query rows see nothing), the per-row range
+    kv_start <= j < kv_end, and the causal rule j <= i + Lk - Lq (aligned bottom-right)."""
+    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+    j = torch.arange(Lk, device=q.device).view(1, 1, Lk)
+    i = torch.arange(Lq, device=q.device).view(1, Lq, 1)
+    visible = torch.ones(B, Lq, Lk, dtype=torch.bool, device=q.device)
     if kv_lengths is not None:
-        visible &= torch.arange(Lk, device=q.device) < kv_lengths.view(B, 1)
+        visible &= j < kv_lengths.view(B, 1, 1)
     if key_padding_mask is not None:
-        visible &= ~key_padding_mask
-    return visible.view(B, 1, 1, Lk)
-
-
-def _valid_queries(q, q_lengths):
-    """(B, 1, Lq, 1) bool: True for real (unpadded) query rows."""
-    B, Lq = q.shape[0], q.shape[2]
-    if q_lengths is None:
-        return torch.ones(B, 1, Lq, 1, dtype=torch.bool, device=q.device)
-    return (torch.arange(Lq, device=q.device) < q_lengths.view(B, 1)).view(B, 1, Lq, 1)
+        visible &= ~key_padding_mask.view(B, 1, Lk)
+    if q_lengths is not None:
+        visible &= i < q_lengths.view(B, 1, 1)
+    if kv_start is not None:
+        visible &= j >= kv_start.view(B, Lq, 1)
+    if kv_end is not None:
+        visible &= j < kv_end.view(B, Lq, 1)
+    if causal:
+        visible &= j <= i + (Lk - Lq)
+    return visible.view(B, 1, Lq, Lk)
 
 
 def _expand_kv(t, heads):
     return t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def attention_probabilities(q, k, kv_lengths=None, key_padding_mask=None, q_lengths=None, scale=1.0):
-    """softmax(scale q k^T + mask) in the accumulation dtype, with rows that see no key (and
-    padded query rows) all zero; also returns the log-sum-exp (+inf for those rows)."""
+def masked_matmul(w, x, visible):
+    """sum_j where(visible[i, j], w[i, j] * x[j], 0) over the last two dims: w @ x where hidden
+    pairs contribute nothing even when x holds NaN or Inf there (w is already 0 at hidden pairs).
+    Dense for the finite part; pairs that meet a non-finite x are added exactly, one bad row of x
+    at a time (rare: hidden padding that holds garbage, or a NaN the caller put in)."""
+    finite = torch.isfinite(x)
+    out = w @ torch.where(finite, x, 0)
+    bad_rows = (~finite).any(-1).flatten(0, -2).any(0).nonzero().flatten().tolist()  # host sync: the oracle may
+    for r in bad_rows:
+        xr = torch.where(finite[..., r, :], 0, x[..., r, :]).unsqueeze(-2)  # the non-finite part of row r
+        wr = w[..., r].unsqueeze(-1)
+        out = out + torch.where(visible[..., r].unsqueeze(-1), wr * xr, 0)
+    return out
+
+
+def attention_probabilities(q, k, kv_lengths=None, key_padding_mask=None, q_lengths=None, kv_start=None, kv_end=None,
+                            causal=False, scale=1.0):
+    """softmax(scale q k^T) over the visible keys, in the accumulation dtype, as the plain
+    composite computes it (the backward recomputes exactly these numbers); rows that see no key
+    are all zero. Also returns the visibility and the log-sum-exp (+inf for those rows), the
+    latter in float64 for float32 and float64 inputs."""
     acc = acc_dtype(q.dtype)
-    kx = _expand_kv(k, q.shape[1]).to(acc)
-    scores = scale * q.to(acc) @ kx.transpose(-1, -2)
-    visible = _visible_keys(q, k, kv_lengths, key_padding_mask) & _valid_queries(q, q_lengths)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    empty = torch.isneginf(lse)
-    lse = lse.masked_fill(empty, float("inf"))
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    return probs, lse
+    visible = visible_keys(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal)
+    scores = (scale * q.to(acc) @ _expand_kv(k, q.shape[1]).to(acc).transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    empty = ~visible.any(-1, keepdim=True)  # no visible key: 0, not NaN; a row whose scores overflow is not empty
+    probs = torch.softmax(scores.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
+    lse = torch.logsumexp(scores.to(lse_dtype(q.dtype)), dim=-1).masked_fill(empty.squeeze(-1), float("inf"))
+    return probs, visible, lse
 
 
-def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
-    probs, lse = attention_probabilities(q, k, kv_lengths, key_padding_mask, q_lengths, scale)
-    out = probs @ _expand_kv(v, q.shape[1]).to(probs.dtype)
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved log-sum-exp: float64 for float32 and float64 inputs, so that the backward
+    recomputes the forward's probabilities to the last bit even for sharp softmaxes (an fp32
+    lse of ~100 is off by ~1e-5, a relative error every probability would inherit); float32
+    for float16 and bfloat16, whose own rounding is far coarser."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _dropped(probs, q, k, dropout_p, seed):
+    if not dropout_p:
+        return probs
+    keep = dropout_keep(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p)
+    return probs * keep / (1 - dropout_p)
+
+
+def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
+    probs, visible, lse = attention_probabilities(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, scale)
+    out = masked_matmul(_dropped(probs, q, k, dropout_p, seed), _expand_kv(v, q.shape[1]).to(probs.dtype), visible)
     return torch.empty_like(q).copy_(out), lse.contiguous()
 
 
@@ -57,18 +138,21 @@ def _sum_groups(t, kv_heads):
     return t.view(B, kv_heads, Hq // kv_heads, L, D).sum(2)
 
 
-def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale):
-    """With P the probabilities: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)),
-    dQ = scale dS K, dK = scale dS^T Q; GQA sums the grads of the heads that share k/v."""
+def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal,
+                             dropout_p, seed, scale):
+    """With P the probabilities and Z = P * keep / (1 - p) what multiplied V: dV = Z^T dO,
+    dZ = dO V^T, dP = dZ * keep / (1 - p), dS = P * (dP - rowsum(P * dP)), dQ = scale dS K,
+    dK = scale dS^T Q; GQA sums the grads of the heads that share k/v. Hidden pairs take no part."""
     acc = acc_dtype(q.dtype)
-    probs, _ = attention_probabilities(q, k, kv_lengths, key_padding_mask, q_lengths, scale)
+    probs, visible, _ = attention_probabilities(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, scale)
     do = grad_out.to(acc)
     kx, vx = _expand_kv(k, q.shape[1]).to(acc), _expand_kv(v, q.shape[1]).to(acc)
-    dp = do @ vx.transpose(-1, -2)
-    ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))
-    dq = scale * ds @ kx
-    dk = _sum_groups(scale * ds.transpose(-1, -2) @ q.to(acc), k.shape[1])
-    dv = _sum_groups(probs.transpose(-1, -2) @ do, k.shape[1])
+    dp = _dropped((do @ vx.transpose(-1, -2)).masked_fill(~visible, 0), q, k, dropout_p, seed)
+    ds = torch.where(visible, probs * (dp - (probs * dp).sum(-1, keepdim=True)), 0)
+    vis_t = visible.transpose(-1, -2)
+    dq = scale * masked_matmul(ds, kx, visible)
+    dk = _sum_groups(scale * masked_matmul(ds.transpose(-1, -2), q.to(acc), vis_t), k.shape[1])
+    dv = _sum_groups(masked_matmul(_dropped(probs, q, k, dropout_p, seed).transpose(-1, -2), do, vis_t), k.shape[1])
     return tuple(torch.empty_like(t).copy_(g) for t, g in ((q, dq), (k, dk), (v, dv)))
 
 

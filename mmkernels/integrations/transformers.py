@@ -5,20 +5,27 @@
     model = AutoModel.from_config(config, attn_implementation="mmkernels")
 
 Registers an attention function and a mask function under "mmkernels" in transformers'
-AttentionInterface / AttentionMaskInterface. The attention function runs
-mmkernels.cross_attention (grouped-query heads without repeat_kv) when the call is one it can
-take: a cross-attention module (class name containing "CrossAttention", is_cross_attention=True,
-or is_causal=False),
-never treated as causal, with either no mask or a 4-D mask that is the same for every query row,
-which is a key-padding mask. Everything else (causal self-attention, masks that differ per query
-row, dropout while training, softcap, position bias) goes to transformers' own sdpa function,
-so the numbers are always right and the fast path is taken where it is valid.
+AttentionInterface / AttentionMaskInterface; the masks are built as for "sdpa". The attention
+function runs mmkernels.cross_attention (grouped-query heads without repeat_kv, dropout fused)
+whenever the mask says, row by row, "one contiguous span of keys": the shape of cross-attention
+masks (Llama 3.2 Vision's image intervals with their BOS row and padded tiles, IDEFICS, BLIP-2's
+padded image tokens) and of causal masks with padding. The mask becomes per-row kv_start/kv_end
+(plus a key_padding_mask for keys no row sees) once per mask tensor, not once per layer (a small
+cache). Causal self-attention without a mask runs the causal kernel. Only what no range can
+express (a bias, holes inside a row, per-head differences, softcap, position bias) goes to
+transformers' own sdpa function, and the reason is logged once at debug level.
 """
+import logging
+
 import torch
 
+from mmkernels.masks import RangeCache
 from mmkernels.ops import cross_attention
 
 NAME = "mmkernels"
+log = logging.getLogger("mmkernels.integrations.transformers")
+_ranges = RangeCache()
+_logged: set = set()
 
 
 def _is_cross_attention(module) -> bool:
@@ -28,42 +35,46 @@ def _is_cross_attention(module) -> bool:
             or getattr(module, "is_causal", None) is False)
 
 
-def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
-    """(B, 1|H, Lq, Lk) bool (True = attend) or additive float mask -> (B, Lk) bool with
-    True = ignore, or None when the mask is not a key-padding mask."""
-    if mask.dim() != 4 or mask.shape[0] != batch or mask.shape[-1] != kv_len:
-        return None
-    if mask.dtype == torch.bool:
-        visible = mask
-    else:
-        hidden = mask <= torch.finfo(mask.dtype).min / 2
-        if not (hidden | (mask == 0)).all():  # a bias, not just a mask
-            return None
-        visible = ~hidden
-    visible = visible.expand(batch, visible.shape[1], q_len, kv_len)
-    if not (visible == visible[:, :1, :1, :]).all():  # differs per query row or head
-        return None
-    return ~visible[:, 0, 0, :]
+def _fallback(reason: str):
+    if reason not in _logged:
+        _logged.add(reason)
+        log.debug("mmkernels attention falls back to sdpa: %s", reason)
+
+
+def fused_arguments(module, query, key, attention_mask, dropout, is_causal, kwargs):
+    """The cross_attention keywords that reproduce transformers' sdpa call, or (None, why not)."""
+    cross = _is_cross_attention(module)
+    causal = False if cross else (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
+    if kwargs.get("softcap") is not None:
+        return None, "softcap"
+    if kwargs.get("position_bias") is not None:
+        return None, "a position bias"
+    if attention_mask is None:
+        if causal and Lq > 1 and Lq != Lk:  # sdpa's is_causal aligns top-left there, ours bottom-right
+            return None, "causal attention without a mask and Lq != Lk"
+        return dict(causal=bool(causal and Lq > 1), dropout_p=dropout), None
+    if attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, :Lk]  # as sdpa does: static caches make longer masks
+    ranges, why = _ranges(attention_mask, B, Lq, Lk, bool_true_means="visible")
+    if ranges is None:
+        return None, why
+    start, end, hidden = ranges
+    return dict(kv_start=start, kv_end=end, key_padding_mask=hidden, dropout_p=dropout), None
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature; returns ((B, Lq, H, D) output, None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    args, why = fused_arguments(module, query, key, attention_mask, dropout, is_causal, kwargs)
+    if args is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cross = _is_cross_attention(module)
-    causal = False if cross else (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    B, _, Lq, _ = query.shape
-    key_padding_mask = None
-    usable = dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-    if usable and attention_mask is not None:
-        key_padding_mask = _key_padding(attention_mask, B, Lq, key.shape[2])
-        usable = key_padding_mask is not None
-    if usable and causal and Lq > 1 and attention_mask is None:
-        usable = False
-    if not usable:
+        _fallback(why)
+        cross = _is_cross_attention(module)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=False if cross else is_causal, **kwargs)
-    out = cross_attention(query, key, value, key_padding_mask=key_padding_mask, scale=scaling)
+    out = cross_attention(query, key, value, scale=scaling, **args)
     return out.transpose(1, 2).contiguous(), None
 
 

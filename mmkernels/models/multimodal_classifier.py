@@ -45,9 +45,12 @@ class MultimodalClassifier(nn.Module):
         if self.fusion_kind == "concat_weighted":
             fused = self.fusion({"text": _mean(t, text_valid), "image": img.mean(1), "audio": _mean(aud, audio_valid)})
         else:
+            # image patches, then audio frames with their padding at the end: right padding, so
+            # the media lengths are the fast path (no mask, padded key tiles never read)
             media = torch.cat([img, aud], dim=1)
-            media_padding = torch.cat([torch.zeros(img.shape[:2], dtype=torch.bool, device=img.device), ~audio_valid], dim=1)
-            attended, _ = self.fusion(t, media, media, key_padding_mask=media_padding, need_weights=False)
+            audio_len = audio_lengths if audio_lengths is not None else torch.full((B,), aud.shape[1], device=aud.device)
+            media_lengths = img.shape[1] + audio_len.to(torch.int64)
+            attended, _ = self.fusion(t, media, media, kv_lengths=media_lengths, need_weights=False)
             fused = _mean(t + attended, text_valid)
         return self.head(fused)
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkernels.backends import reference
+from mmkernels.masks import RangeCache, visible_keys
 from mmkernels.ops import cross_attention
 
 
@@ -12,9 +12,12 @@ class CrossModalAttention(nn.Module):
     (in_proj_weight, or q/k/v_proj_weight when kdim/vdim differ; in_proj_bias; out_proj), so a
     state_dict loads unchanged and the outputs match.
 
-    The attention runs in mmkernels.cross_attention when it can: no attn_mask, no is_causal, a
-    bool key_padding_mask (True = ignore), and no dropout while training. Beyond that it falls
-    back to F.scaled_dot_product_attention with the merged masks, which is correct but not fused.
+    The attention runs fused in mmkernels.cross_attention, dropout included: key_padding_mask
+    (bool, or float 0/-inf) is skipped tile by tile, and an attn_mask whose rows each allow one
+    contiguous span of keys (a causal mask, generate_square_subsequent_mask's float mask, image
+    spans) becomes per-row key ranges, converted once per mask tensor. Only masks no range can
+    express (a float bias, holes inside a row) fall back to F.scaled_dot_product_attention with
+    the merged masks, which is correct but not fused; last_fallback says why.
     forward also takes kv_lengths (B,), the fast path for right-padded keys.
     need_weights=True (nn.MultiheadAttention's default) still works: the weights are computed
     by the reference path, which builds the (Lq, Lk) matrix; pass need_weights=False for speed.
@@ -52,6 +55,8 @@ class CrossModalAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
+        self._ranges = RangeCache()  # attn_mask -> per-row key ranges, once per mask tensor
+        self.last_fallback = None  # why the last call took the SDPA path, or None when it ran fused
         self._reset_parameters()
 
     def _reset_parameters(self):  # as nn.MultiheadAttention
@@ -110,7 +115,7 @@ class CrossModalAttention(nn.Module):
             dim = 0 if self.batch_first else 1
             query, key, value = (t.unsqueeze(dim) for t in (query, key, value))
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
-        merged, q, k = self.attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths)
+        merged, q, k = self.attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
         out = self.out_proj(merged)
         weights = None
         if need_weights:
@@ -120,7 +125,8 @@ class CrossModalAttention(nn.Module):
             weights = weights.squeeze(0) if weights is not None else None
         return out, weights
 
-    def attend(self, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False, kv_lengths=None):
+    def attend(self, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False, kv_lengths=None,
+               need_weights=False):
         """The attention with its heads merged, before out_proj, in the query's layout; also
         the (B, H, L, Dh) q and k views. GatedCrossAttention fuses out_proj into its epilogue."""
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
@@ -128,11 +134,14 @@ class CrossModalAttention(nn.Module):
         for name, t, d in (("key", key, self.kdim), ("value", value, self.vdim)):
             if t.dim() != 3 or t.shape[-1] != d:
                 raise ValueError(f"CrossModalAttention: {name} must be 3-D with last dim {d}, got {tuple(t.shape)}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
+                               "`generate_square_subsequent_mask` to create this mask.")
         q, k, v = (self._heads(t) for t in self._project(query, key, value))
         dropout = self.dropout if self.training else 0.0
-        fused = attn_mask is None and not is_causal and dropout == 0.0 and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
-        if fused:
-            out = cross_attention(q, k, v, kv_lengths=kv_lengths, key_padding_mask=key_padding_mask)
+        fused, self.last_fallback = self._fused_arguments(q, k, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
+        if fused is not None:
+            out = cross_attention(q, k, v, dropout_p=dropout, **fused)
         else:
             mask = _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -140,12 +149,38 @@ class CrossModalAttention(nn.Module):
         merged = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
         return (merged if self.batch_first else merged.transpose(0, 1)), q, k
 
+    def _fused_arguments(self, q, k, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights):
+        """The cross_attention keywords for these masks, or (None, why the fallback runs): masks
+        become kv_lengths, a bool key_padding_mask and per-row key ranges (a causal mask is a
+        range per row); only biases and masks with holes inside a row need SDPA."""
+        B, _, Lq, _ = q.shape
+        Lk = k.shape[2]
+        args = {"kv_lengths": kv_lengths}
+        if key_padding_mask is not None:
+            visible = visible_keys(key_padding_mask, bool_true_means="hidden")
+            if visible is None:
+                return None, "a float key_padding_mask with values other than 0 and -inf"
+            args["key_padding_mask"] = ~visible
+        if attn_mask is None:
+            return args, None
+        if is_causal and key_padding_mask is None and not need_weights:
+            # stock trusts the hint and runs SDPA's is_causal (aligned top-left): row i sees j <= i
+            end = torch.arange(1, Lq + 1, device=q.device).clamp(max=Lk).expand(B, Lq)
+            return dict(args, kv_end=end), None
+        ranges, why = self._ranges(attn_mask, B, Lq, Lk, bool_true_means="hidden")
+        if ranges is None:
+            return None, f"attn_mask: {why}"
+        start, end, hidden = ranges
+        if hidden is not None:
+            kpm = args.get("key_padding_mask")
+            args["key_padding_mask"] = hidden if kpm is None else kpm | hidden
+        return dict(args, kv_start=start, kv_end=end), None
+
     def _attention_weights(self, q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average):
-        if attn_mask is None and not is_causal and (key_padding_mask is None or key_padding_mask.dtype == torch.bool):
-            probs, _ = reference.attention_probabilities(q, k, kv_lengths, key_padding_mask, None, self.head_dim ** -0.5)
-        else:
-            scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
-            probs = torch.softmax(scores + _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal).float(), -1)
+        """nn.MultiheadAttention's weights, in q's dtype computed at least in float32."""
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * self.head_dim ** -0.5
+        probs = torch.softmax(scores + _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal).to(acc), -1)
         probs = probs.to(q.dtype)
         return probs.mean(1) if average else probs
 
@@ -155,11 +190,11 @@ def _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal):
     merged into one float mask of shape (B, H, Lq, Lk) for the fallback path."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    mask = torch.zeros(B, H, Lq, Lk, dtype=q.dtype, device=q.device)
+    mask = torch.zeros(B, H, Lq, Lk, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
 
     def add(m):
         nonlocal mask
-        mask = mask.masked_fill(m, float("-inf")) if m.dtype == torch.bool else mask + m.to(q.dtype)
+        mask = mask.masked_fill(m, float("-inf")) if m.dtype == torch.bool else mask + m.to(mask.dtype)
 
     if key_padding_mask is not None:
         add(key_padding_mask.view(B, 1, 1, Lk))
@@ -167,6 +202,4 @@ def _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal):
         add((torch.arange(Lk, device=q.device) >= kv_lengths.view(B, 1)).view(B, 1, 1, Lk))
     if attn_mask is not None:
         add(attn_mask.view(B, H, Lq, Lk) if attn_mask.dim() == 3 else attn_mask)
-    elif is_causal:
-        add(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu(1))
-    return mask
+    return mask.to(q.dtype)

@@ -1,7 +1,9 @@
 """Argument checks shared by the ops. Every message names the argument, what was expected and
 what came. Checks of shapes, dtypes and devices run where the op is called (also while
 torch.compile traces); checks of tensor *values* (lengths in range) run in the op itself, on
-real tensors, and are skipped while a CUDA graph is being captured."""
+real tensors, and only where they are free: on CPU tensors. On a GPU they would cost a
+device-to-host sync per call, so there the kernels clamp out-of-range lengths instead (as
+they always do, so a skipped check is never unsafe)."""
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,13 +67,21 @@ def check_index(name: str, t, ref_name: str, ref, batch: int):
         fail(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
 
 
-def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def check_rows_index(name: str, t, ref_name: str, ref, batch: int, rows: int):
+    """None, or an int32/int64 (batch, rows) tensor on ref's device (per-row key ranges)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype not in INDEX_DTYPES or t.device != ref.device:
+        got = f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        fail(f"{name} must be int32 or int64 on {ref_name}'s device ({ref.device}), got {got}")
+    if tuple(t.shape) != (batch, rows):
+        fail(f"{name} must have shape (B, Lq) = ({batch}, {rows}), got {tuple(t.shape)}")
 
 
 def check_index_values(name: str, t, limit: int):
-    """Lengths must lie in [0, limit]; kernels clamp as well, so a skipped check is never unsafe."""
-    if t is None or t.numel() == 0 or capturing():
+    """Lengths must lie in [0, limit]: checked on CPU tensors, where it is free; elsewhere the
+    kernels clamp (see the module docstring)."""
+    if t is None or t.numel() == 0 or t.device.type != "cpu":
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > limit:

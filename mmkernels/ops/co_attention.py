@@ -1,27 +1,36 @@
 """co_attention: both directions of cross-attention between two modalities (LXMERT, co-attention VQA)."""
 import torch
 
-from mmkernels.backends.base import Problem, acc_dtype
+from mmkernels.backends.base import Problem
+from mmkernels.backends.reference import lse_dtype
 from mmkernels.ops._checks import check_index_values, fail
 from mmkernels.ops._register import register_op
-from mmkernels.ops.cross_attention import check_attention_inputs
+from mmkernels.ops.cross_attention import apply_scale, check_attention_inputs
 
 
-def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, *, lengths_a=None, lengths_b=None, scale=None, backend=None):
+def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, *, lengths_a=None, lengths_b=None, kv_start_a=None, kv_end_a=None,
+                 kv_start_b=None, kv_end_b=None, scale=None, backend=None):
     """(out_a, out_b) with out_a = cross_attention(q_a, k_b, v_b, kv_lengths=lengths_b,
-    q_lengths=lengths_a) and out_b = cross_attention(q_b, k_a, v_a, kv_lengths=lengths_a,
-    q_lengths=lengths_b): modality a's tokens (B, H, La, D), b's (B, H', Lb, D), each side with its
-    own lengths. The triton backend computes both directions in one launch per stage; the
-    numbers are those of two cross_attention calls."""
-    check_attention_inputs(q_a, k_b, v_b, lengths_b, None, lengths_a, names=("q_a", "k_b", "v_b", "lengths_b", "", "lengths_a"))
-    check_attention_inputs(q_b, k_a, v_a, lengths_a, None, lengths_b, names=("q_b", "k_a", "v_a", "lengths_a", "", "lengths_b"))
+    q_lengths=lengths_a, kv_start=kv_start_a, kv_end=kv_end_a) and out_b = cross_attention(q_b,
+    k_a, v_a, kv_lengths=lengths_a, q_lengths=lengths_b, kv_start=kv_start_b, kv_end=kv_end_b):
+    modality a's tokens (B, H, La, D), b's (B, H', Lb, D), each side with its own lengths and
+    per-row key ranges (kv_start_a/kv_end_a: (B, La), which of b's tokens each of a's rows sees;
+    kv_start_b/kv_end_b: (B, Lb)). The triton backend computes both directions in one launch
+    per stage; the numbers are those of two cross_attention calls."""
+    check_attention_inputs(q_a, k_b, v_b, lengths_b, None, lengths_a, kv_start_a, kv_end_a,
+                           names=("q_a", "k_b", "v_b", "lengths_b", "", "lengths_a", "kv_start_a", "kv_end_a"))
+    check_attention_inputs(q_b, k_a, v_a, lengths_a, None, lengths_b, kv_start_b, kv_end_b,
+                           names=("q_b", "k_a", "v_a", "lengths_a", "", "lengths_b", "kv_start_b", "kv_end_b"))
     if q_a.shape[-1] != q_b.shape[-1]:
         fail(f"q_b must have q_a's head dim {q_a.shape[-1]}, got {q_b.shape[-1]}")
     if k_a.shape[2] != q_a.shape[2] or k_b.shape[2] != q_b.shape[2]:
         fail(f"each modality's q, k and v must have its length: got La = {q_a.shape[2]} (q_a) and {k_a.shape[2]} (k_a), "
              f"Lb = {q_b.shape[2]} (q_b) and {k_b.shape[2]} (k_b)")
-    scale = q_a.shape[-1] ** -0.5 if scale is None else float(scale)
-    out_a, _, out_b, _ = torch.ops.mmkernels.co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale, backend or "")
+    if isinstance(scale, torch.Tensor):
+        fail("scale must be a number for co_attention (a tensor scale is taken by cross_attention)")
+    _, scale = apply_scale(q_a, scale)
+    out_a, _, out_b, _ = _op(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale,
+                             backend=backend)
     return out_a, out_b
 
 
@@ -29,13 +38,13 @@ def _problem(q_a, k_a, v_a, q_b, k_b, v_b, *rest):
     return Problem.of("co_attention", q_a, k_a, v_a, q_b, k_b, v_b, head_dim=q_a.shape[-1])
 
 
-def _check_values(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
+def _check_values(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, *rest):
     check_index_values("lengths_a", lengths_a, q_a.shape[2])
     check_index_values("lengths_b", lengths_b, q_b.shape[2])
 
 
 def _fake_forward(q_a, k_a, v_a, q_b, *rest):
-    lse = lambda q: q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+    lse = lambda q: q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
     return torch.empty_like(q_a), lse(q_a), torch.empty_like(q_b), lse(q_b)
 
 
@@ -44,9 +53,9 @@ def _fake_backward(grad_a, grad_b, *tensors_and_rest):
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, lengths_a, lengths_b, scale, backend = inputs
-    ctx.save_for_backward(*tensors, output[0], output[1], output[2], output[3], lengths_a, lengths_b)
-    ctx.scale, ctx.backend = scale, backend
+    *tensors, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale, backend = inputs
+    ctx.save_for_backward(*tensors, *output, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
+    ctx.scale = scale
 
 
 def _autograd_backward(ctx, grad_a, grad_lse_a, grad_b, grad_lse_b):
@@ -54,8 +63,8 @@ def _autograd_backward(ctx, grad_a, grad_lse_a, grad_b, grad_lse_b):
     grad_a = torch.zeros_like(saved[6]) if grad_a is None else grad_a.contiguous() if grad_a.stride(-1) != 1 else grad_a
     grad_b = torch.zeros_like(saved[8]) if grad_b is None else grad_b.contiguous() if grad_b.stride(-1) != 1 else grad_b
     grads = torch.ops.mmkernels.co_attention_backward(grad_a, grad_b, *saved, ctx.scale, ctx.backend)
-    return (*grads, None, None, None, None)
+    return (*grads, *(None,) * 8)
 
 
-register_op("co_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("co_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward, grads=2, native=False)

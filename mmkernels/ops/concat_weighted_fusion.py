@@ -42,9 +42,7 @@ def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="
 
     rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
     value_rows = [_as_rows(f"values[{i}]", v) for i, v in enumerate(values)] if values is not None else []
-    out, _ = torch.ops.mmkernels.concat_weighted_fusion(
-        rows, weight, bias, value_rows, output == "concat", backend or ""
-    )
+    out, _ = _op(rows, weight, bias, value_rows, output == "concat", backend=backend)
     return out.view(*lead, out.shape[-1])
 
 
@@ -80,7 +78,7 @@ def _fake_backward(grad_out, features, weight, values, gate, concat, *rest):
 def _setup_context(ctx, inputs, output):
     features, weight, bias, values, concat, backend = inputs
     ctx.save_for_backward(weight, output[1], *features, *values)
-    ctx.m, ctx.has_bias, ctx.concat, ctx.backend = len(features), bias is not None, concat, backend
+    ctx.m, ctx.has_bias, ctx.concat = len(features), bias is not None, concat
 
 
 def _autograd_backward(ctx, grad_out, grad_gate):
@@ -94,5 +92,5 @@ def _autograd_backward(ctx, grad_out, grad_gate):
     return grad_features, grad_weight, grad_bias if ctx.has_bias else None, grad_values, None, None
 
 
-register_op("concat_weighted_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("concat_weighted_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward)

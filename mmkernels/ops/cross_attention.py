@@ -1,45 +1,62 @@
 """cross_attention: the public function, the operator's router, its fake and its autograd."""
+import math
+import numbers
+
 import torch
 
-from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._register import register_op
+from mmkernels.backends.base import Problem
+from mmkernels.backends.reference import lse_dtype
 from mmkernels.ops._checks import (
     check_float,
     check_index,
     check_index_values,
     check_last_dim_contiguous,
     check_like,
+    check_rows_index,
     fail,
 )
+from mmkernels.ops._register import register_op
 
 
-def cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, q_lengths=None, scale=None, backend=None):
+def cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, q_lengths=None, kv_start=None, kv_end=None,
+                    causal=False, dropout_p=0.0, scale=None, backend=None):
     """Attention of queries from one modality over keys/values of another.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0 (grouped-query attention, no
     copy of k/v). Any strides with a contiguous last dim: a (B, L, H, D) tensor viewed with
     .transpose(1, 2) is taken as it is, and the output comes back in q's layout.
 
-    kv_lengths: int (B,), keys j >= kv_lengths[b] are padding (the fast path: padded key tiles
-    are skipped). key_padding_mask: bool (B, Lk), True = ignore the key (nn.MultiheadAttention's
-    convention). q_lengths: int (B,), query rows i >= q_lengths[b] are padding. A query row that
-    sees no key, and every padded query row, outputs exactly 0 and passes no gradient.
+    Which keys a query row i of batch b sees; every rule given intersects:
+      kv_lengths: int (B,), keys j >= kv_lengths[b] are padding (right padding);
+      key_padding_mask: bool (B, Lk), True = ignore the key (nn.MultiheadAttention's convention);
+      q_lengths: int (B,), query rows i >= q_lengths[b] are padding and see nothing;
+      kv_start, kv_end: int (B, Lq), row i sees kv_start[b, i] <= j < kv_end[b, i] (a missing
+        start is 0, a missing end Lk; values are clamped to [0, Lk]; start >= end is empty):
+        one contiguous span of keys per row, the shape of real multimodal masks (a text token
+        sees the image it follows);
+      causal: j <= i + Lk - Lq (aligned bottom-right, as flash-attn).
+    Work is proportional to the keys a block of queries can see: key tiles that no row of a
+    block sees are never loaded. A row that sees no key outputs exactly 0 and passes no
+    gradient; hidden keys never influence anything, whatever they hold (NaN, Inf, garbage).
 
-    scale defaults to D ** -0.5; the softmax runs in fp32 (fp64 for fp64 inputs). backend: None
+    dropout_p: attention dropout (applied whenever > 0: pass 0 in eval), drawn by counter-based
+    Philox from torch's generator, so torch.manual_seed reproduces it; the backward regenerates
+    the same mask. scale: D ** -0.5 by default; a float, or a tensor (a learnable temperature
+    gets its gradient). The softmax runs in fp32 (fp64 for fp64 inputs). backend: None
     (use_backend / MMKERNELS_BACKEND / auto) or one of mmkernels.available_backends().
     Returns (B, Hq, Lq, D) in q's dtype.
     """
-    check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = torch.ops.mmkernels.cross_attention(
-        q, k, v, kv_lengths, key_padding_mask, q_lengths, scale, backend or ""
-    )
+    check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end)
+    q, scale = apply_scale(q, scale)
+    causal, dropout_p = check_causal(causal), check_dropout(dropout_p)
+    seed = dropout_seed(q) if dropout_p > 0 else None
+    out, _ = _op(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale, backend=backend)
     return out
 
 
-def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths,
-                           names=("q", "k", "v", "kv_lengths", "key_padding_mask", "q_lengths")):
-    nq, nk, nv, nkv, nmask, nql = names
+def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start=None, kv_end=None,
+                           names=("q", "k", "v", "kv_lengths", "key_padding_mask", "q_lengths", "kv_start", "kv_end")):
+    nq, nk, nv, nkv, nmask, nql, nstart, nend = names
     check_float(nq, q)
     check_like(nk, k, nq, q)
     check_like(nv, v, nq, q)
@@ -47,7 +64,7 @@ def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths,
         if t.dim() != 4:
             fail(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
         check_last_dim_contiguous(name, t)
-    B, Hq, _, D = q.shape
+    B, Hq, Lq, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         fail(f"{nk} must be (B={B}, Hkv, Lk, D={D}) to match {nq}, got {tuple(k.shape)}")
     if v.shape != k.shape:
@@ -57,6 +74,8 @@ def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths,
         fail(f"{nq}'s heads must be a multiple of {nk}'s heads (grouped-query attention), got Hq={Hq}, Hkv={Hkv}")
     check_index(nkv, kv_lengths, nq, q, B)
     check_index(nql, q_lengths, nq, q, B)
+    check_rows_index(nstart, kv_start, nq, q, B, Lq)
+    check_rows_index(nend, kv_end, nq, q, B, Lq)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device:
             got = f"{key_padding_mask.dtype} on {key_padding_mask.device}" if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
@@ -65,17 +84,52 @@ def check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths,
             fail(f"{nmask} must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
 
 
+def apply_scale(q, scale):
+    """(q, float scale). A tensor scale is folded into q (q * scale, scale 1), so that autograd
+    gives it its gradient; a number must be a finite real."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point() or scale.device != q.device:
+            fail(f"scale must be a number or a one-element float tensor on q's device ({q.device}), got "
+                 f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device}")
+        return q * scale.reshape(()).to(q.dtype), 1.0
+    if scale is None:
+        if q.shape[-1] == 0:
+            fail("q's head dim is 0, so the default scale D ** -0.5 is undefined; pass scale= explicitly")
+        return q, q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        fail(f"scale must be a finite real number or a tensor, got {scale!r} ({type(scale).__name__})")
+    return q, float(scale)
+
+
+def check_causal(causal) -> bool:
+    if not isinstance(causal, bool):
+        fail(f"causal must be True or False, got {causal!r}")
+    return causal
+
+
+def check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        fail(f"dropout_p must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def dropout_seed(q):
+    """A fresh 63-bit Philox key from torch's generator for q's device: torch.manual_seed
+    reproduces it, and it stays on the device (no host sync, CUDA graphs replay a new draw)."""
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
+
+
 def _problem(q, k, v, *rest):
     return Problem.of("cross_attention", q, k, v, head_dim=q.shape[-1])
 
 
-def _check_values(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
+def _check_values(q, k, v, kv_lengths, key_padding_mask, q_lengths, *rest):
     check_index_values("kv_lengths", kv_lengths, k.shape[2])
     check_index_values("q_lengths", q_lengths, q.shape[2])
 
 
 def _fake_forward(q, k, v, *rest):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
 def _fake_backward(grad_out, q, k, v, *rest):
@@ -83,21 +137,22 @@ def _fake_backward(grad_out, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lengths, key_padding_mask, q_lengths, scale, backend = inputs
+    q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.save_for_backward(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, seed)
+    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
 
 
 def _autograd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths = ctx.saved_tensors
+    q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, seed = ctx.saved_tensors
     if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
         grad_out = grad_out.contiguous()
     dq, dk, dv = torch.ops.mmkernels.cross_attention_backward(
-        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, ctx.scale, ctx.backend
+        grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, ctx.causal,
+        ctx.dropout_p, seed, ctx.scale, ctx.backend
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, *(None,) * 10
 
 
-register_op("cross_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("cross_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward)

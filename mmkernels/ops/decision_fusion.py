@@ -38,7 +38,7 @@ def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
             fail(f"weights must be >= 0 with a positive sum, got {weights.tolist()}")
         w = weights.to(acc) / weights.to(acc).sum()
     rows = [_as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
-    out = torch.ops.mmkernels.decision_fusion(rows, w, mode == "prob", backend or "")
+    out = _op(rows, w, mode == "prob", backend=backend)
     return out.view(shape)
 
 
@@ -57,7 +57,7 @@ def _fake_backward(grad_out, logits, weights, prob, *rest):
 def _setup_context(ctx, inputs, output):
     logits, weights, prob, backend = inputs
     ctx.save_for_backward(weights, *logits)
-    ctx.prob, ctx.backend = prob, backend
+    ctx.prob = prob
 
 
 def _autograd_backward(ctx, grad_out):
@@ -68,5 +68,5 @@ def _autograd_backward(ctx, grad_out):
     return grad_logits, grad_weights, None, None
 
 
-register_op("decision_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("decision_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward)

@@ -26,8 +26,7 @@ def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a=None, bias_b=Non
     for name, b in (("bias_a", bias_a), ("bias_b", bias_b), ("bias_z", bias_z)):
         check_bias(name, b, N, "x_a", x_a)
     lead = tuple(x_a.shape[:-1])
-    out, *_ = torch.ops.mmkernels.gated_fusion(_as_rows("x_a", x_a), _as_rows("x_b", x_b), weight_a, weight_b, weight_z,
-                                              bias_a, bias_b, bias_z, backend or "")
+    out, *_ = _op(_as_rows("x_a", x_a), _as_rows("x_b", x_b), weight_a, weight_b, weight_z, bias_a, bias_b, bias_z, backend=backend)
     return out.view(*lead, N)
 
 
@@ -50,7 +49,6 @@ def _setup_context(ctx, inputs, output):
     x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z, backend = inputs
     ctx.save_for_backward(x_a, x_b, weight_a, weight_b, weight_z, *output[1:])
     ctx.has_bias = (bias_a is not None, bias_b is not None, bias_z is not None)
-    ctx.backend = backend
 
 
 def _autograd_backward(ctx, grad_out, *unused):
@@ -61,5 +59,5 @@ def _autograd_backward(ctx, grad_out, *unused):
     return (*grads[:5], *biases, None)
 
 
-register_op("gated_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("gated_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward)

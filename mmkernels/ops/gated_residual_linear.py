@@ -29,7 +29,7 @@ def gated_residual_linear(x, h, weight, bias=None, gate=None, row_mask=None, *, 
         if not isinstance(row_mask, torch.Tensor) or tuple(row_mask.shape) != lead or row_mask.device != x.device:
             fail(f"row_mask must have shape {lead} on x's device, got {tuple(row_mask.shape) if isinstance(row_mask, torch.Tensor) else row_mask!r}")
         mask = row_mask.reshape(-1).to(x.dtype)  # (rows,): tiny next to x
-    out, _ = torch.ops.mmkernels.gated_residual_linear(_as_rows("x", x), _as_rows("h", h), weight, bias, gate.to(x.dtype), mask, backend or "")
+    out, _ = _op(_as_rows("x", x), _as_rows("h", h), weight, bias, gate.to(x.dtype), mask, backend=backend)
     return out.view(x.shape)
 
 
@@ -48,7 +48,7 @@ def _fake_backward(grad_out, h, weight, gate, row_mask, proj, *rest):
 def _setup_context(ctx, inputs, output):
     x, h, weight, bias, gate, row_mask, backend = inputs
     ctx.save_for_backward(h, weight, gate, row_mask, output[1])
-    ctx.has_bias, ctx.backend = bias is not None, backend
+    ctx.has_bias = bias is not None
 
 
 def _autograd_backward(ctx, grad_out, grad_proj):
@@ -58,5 +58,5 @@ def _autograd_backward(ctx, grad_out, grad_proj):
     return gx, gh, gw, gb if ctx.has_bias else None, gg, None, None
 
 
-register_op("gated_residual_linear", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("gated_residual_linear", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward)

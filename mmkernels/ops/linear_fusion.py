@@ -28,7 +28,7 @@ def linear_fusion(features, weights, bias=None, *, activation=None, backend=None
     if activation not in ACTIVATIONS:
         fail(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
-    out, _ = torch.ops.mmkernels.linear_fusion(rows, list(weights), bias, ACTIVATIONS.index(activation), backend or "")
+    out, _ = _op(rows, list(weights), bias, ACTIVATIONS.index(activation), backend=backend)
     return out.view(*lead, N)
 
 
@@ -49,7 +49,7 @@ def _fake_backward(grad_out, features, weights, pre, activation, *rest):
 def _setup_context(ctx, inputs, output):
     features, weights, bias, activation, backend = inputs
     ctx.save_for_backward(output[1], *features, *weights)
-    ctx.m, ctx.has_bias, ctx.activation, ctx.backend = len(features), bias is not None, activation, backend
+    ctx.m, ctx.has_bias, ctx.activation = len(features), bias is not None, activation
 
 
 def _autograd_backward(ctx, grad_out, grad_pre):
@@ -63,5 +63,5 @@ def _autograd_backward(ctx, grad_out, grad_pre):
     return grad_features, grad_weights, grad_bias if ctx.has_bias else None, None, None
 
 
-register_op("linear_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
+_op = register_op("linear_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
             setup_context=_setup_context, backward=_autograd_backward)

@@ -4,11 +4,13 @@
 // rows. The Q tile stays in shared memory; K/V tiles of kBlockN keys stream through two shared
 // buffers with cp.async, the next tile in flight while the current one is used. Scores and the
 // online softmax (fp32, base 2) stay in registers, and the probabilities feed the P V MMA from
-// registers. Key tiles past kv_lengths[b] are never loaded; a GQA query head reads its kv head
-// in place. When there are too few query blocks to fill the GPU, the host splits each block's
+// registers. Only the key tiles some row of the block sees are loaded (tiles.cuh: ranges,
+// kv_lengths, causal, key_padding_mask); a GQA query head reads its kv head in place. When there are too few query blocks to fill the GPU, the host splits each block's
 // key tiles among kv_splits CTAs, and combine_kernel merges their partial results by their
 // log-sum-exp (flash-decoding).
 #pragma once
+
+#include <cfloat>
 
 #include "tiles.cuh"
 
@@ -22,8 +24,10 @@ struct ForwardConfig {
   static constexpr int kBlockN = kForwardBlockN;
   static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
   static constexpr int kLd = D + kPad;
-  // Q, then two K buffers and two V buffers, all 2-byte elements.
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kLd * 2;
+  // Q, then two K buffers and two V buffers, all 2-byte elements; then the rows' key ranges
+  // and the needed-key flags of the two buffers.
+  static constexpr int kTileBytes = (kBlockM + 4 * kBlockN) * kLd * 2;
+  static constexpr int kSmemBytes = kTileBytes + 2 * kBlockM * 4 + 2 * kBlockN;
 };
 
 // One step of the online softmax over a 16 x N tile of scaled base-2 scores (this thread's rows
@@ -58,70 +62,93 @@ __device__ __forceinline__ void online_softmax(float (&s)[N / 8][4], float (&o)[
   }
 }
 
-template <typename T, int D, bool kMask>
+template <typename T, int D>
 __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(const Params p) {
   using C = ForwardConfig<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + C::kBlockM * C::kLd;      // two buffers of kBlockN rows
   T* sV = sK + 2 * C::kBlockN * C::kLd;  // two buffers
+  int* sLo = reinterpret_cast<int*>(smem + C::kTileBytes);
+  int* sHi = sLo + C::kBlockM;
+  uint8_t* sNeed = reinterpret_cast<uint8_t*>(sHi + C::kBlockM);  // two buffers of kBlockN flags
 
   const QueryBlock blk = query_block<C::kBlockM>(p, blockIdx.x / p.kv_splits);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  // This CTA's share of the key tiles: all of them, or split `split` of kv_splits.
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, group = lane / 4;
+  const Span span = stage_rows<C::kBlockM, C::kThreads>(p, blk.b, blk.row0, blk.valid, sLo, sHi);
+  // This CTA's share of the key tiles its rows see: all of them, or split `split` of kv_splits.
   const int split = blockIdx.x % p.kv_splits;
-  const int n_tiles = (blk.n_keys + C::kBlockN - 1) / C::kBlockN;
-  const int per_split = (n_tiles + p.kv_splits - 1) / p.kv_splits;
-  const int first = split * per_split, last = min(n_tiles, first + per_split);
+  const int tile0 = span.first / C::kBlockN, tiles = span.last > span.first ? (span.last + C::kBlockN - 1) / C::kBlockN - tile0 : 0;
+  const int per_split = (tiles + p.kv_splits - 1) / p.kv_splits;
+  const int first = tile0 + split * per_split, last = tile0 + min(tiles, (split + 1) * per_split);
   const bool partial = p.kv_splits > 1;
 
   const int64_t stats = (static_cast<int64_t>(blk.b) * p.Hq + blk.h) * p.Lq + blk.row0;
   const int64_t plane = static_cast<int64_t>(p.B) * p.Hq * p.Lq;  // rows of one split's partials
   float* lse = partial ? p.partial_lse + split * plane + stats : p.lse + stats;
   T* out = p.out.rows<T>(blk.b, blk.h) + blk.row0 * p.out.sl;
-  if (blk.valid == 0 || first >= last) {  // padded queries, or no key here: 0 and +inf (-inf: nothing to merge)
-    if (!partial) zero_rows<T, D, C::kThreads>(out, p.out.sl, blk.rows);
-    for (int r = threadIdx.x; r < blk.rows; r += C::kThreads) lse[r] = partial ? -INFINITY : INFINITY;
-    return;
-  }
 
   const T* k = p.k.rows<T>(blk.b, blk.hk);
   const T* v = p.v.rows<T>(blk.b, blk.hk);
-  auto load_kv = [&](int t, int buf) {
-    load_kv_tile<T, C::kBlockN, D, C::kThreads>(sK, sV, k, v, p, blk.n_keys, first + t, buf);
+  auto prepare = [&](int tile, int buf) {
+    return prepare_tile<C::kBlockM>(p, blk.b, tile, span, sLo, sHi, sNeed + buf * C::kBlockN);
   };
-  load_tile<T, C::kBlockM, D, C::kThreads>(sQ, p.q.rows<T>(blk.b, blk.h) + blk.row0 * p.q.sl, p.q.sl, blk.valid);
+  auto load_kv = [&](int tile, int buf) {
+    load_kv_tile<T, C::kBlockN, D, C::kThreads>(sK, sV, k, v, p, tile, buf, sNeed + buf * C::kBlockN);
+  };
+  if (blk.valid > 0 && first < last) {
+    load_tile<T, C::kBlockM, D, C::kThreads>(sQ, p.q.rows<T>(blk.b, blk.h) + blk.row0 * p.q.sl, p.q.sl, blk.valid);
+  }
 
+  RowRange rows[2];  // this thread's two query rows
+  int64_t drop_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + group + 8 * r;
+    rows[r] = {sLo[row], sHi[row]};
+    drop_row[r] = stats + row;
+  }
+  const uint64_t seed = p.seed != nullptr ? static_cast<uint64_t>(*p.seed) : 0;
   const float scale_log2 = p.scale * kLog2e;
   const T* q_warp = sQ + warp * 16 * C::kLd;
   float o[D / 8][4];
   zero(o);
   float m[2] = {-INFINITY, -INFINITY};  // running row max, base-2 units
   float l[2] = {0.f, 0.f};
+  bool seen[2] = {false, false};  // the row saw a visible key
 
-  pipeline(last - first, load_kv, [&](int t, int buf) {
+  pipeline(blk.valid > 0 ? first : last, last, prepare, load_kv, [&](int tile, int buf) {
+    const int j0 = tile * C::kBlockN;
+    const bool whole = span.max_lo <= j0 && span.min_hi >= j0 + C::kBlockN;
     float s[C::kBlockN / 8][4];
     zero(s);
     mma_a_bt<T, D, C::kBlockN, C::kLd>(s, q_warp, sK + buf * C::kBlockN * C::kLd, lane);
     scale_all(s, scale_log2);  // before hiding keys, so that any scale leaves -inf as it is
-    hide_key_columns<kMask, C::kBlockN>(s, p, blk.b, (first + t) * C::kBlockN, blk.n_keys, lane);
+    hide_scores<C::kBlockN>(s, sNeed + buf * C::kBlockN, j0, whole, rows, seen, lane);
     online_softmax<C::kBlockN, D>(s, o, m, l);
+    if (p.seed != nullptr) drop_rows<C::kBlockN>(s, p, seed, drop_row, j0, lane);
     mma_p_b<T, C::kBlockN, D, C::kLd>(o, s, sV + buf * C::kBlockN * C::kLd, lane);
   });
 
-  const int group = lane / 4;
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(l[r]);
+    const bool any = quad_max(seen[r] ? 1.f : 0.f) > 0.f;
     const int row = warp * 16 + group + 8 * r;
-    // No visible key, or a padded query: exactly 0, whatever the hidden values held. A NaN sum
-    // is not empty and stays NaN.
-    const bool empty = sum == 0.f || row >= blk.valid;
-    if (empty) zero_row(o, r);
-    inv[r] = empty ? 0.f : 1.f / sum;
+    // No visible key, or a padded query: exactly 0, whatever the hidden values held. Visible keys
+    // whose scores all overflowed to -inf: NaN, never a silent 0. A NaN sum stays NaN.
+    const bool empty = !any;
+    const bool overflow = any && sum == 0.f;
+    if (empty || overflow) zero_row(o, r);
+    // A split's partials mark an overflowed row with lse -FLT_MAX: it merges as nothing next to
+    // another split's keys, and makes the row NaN if no split has any (combine_kernel).
+    inv[r] = empty ? 0.f : (overflow ? (partial ? 0.f : NAN) : 1.f / sum);
     const float empty_lse = partial ? -INFINITY : INFINITY;
-    if (lane % 4 == 0 && row < blk.rows) lse[row] = empty ? empty_lse : (m[r] + log2f(sum)) * kLn2;
+    const float overflow_lse = partial ? -FLT_MAX : -INFINITY;
+    if (lane % 4 == 0 && row < blk.rows) {
+      lse[row] = empty ? empty_lse : (overflow ? overflow_lse : (m[r] + log2f(sum)) * kLn2);
+    }
   }
   if (!partial) return store_rows<T, D>(out, p.out.sl, o, warp * 16, blk.rows, inv, lane);
   float* part = p.partial_out + (split * plane + stats) * D;
@@ -139,7 +166,8 @@ __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(
 
 // Merges the kv_splits partial results of every query row: lse = log sum_s exp(lse_s) and
 // out = sum_s exp(lse_s - lse) out_s. One warp per row; splits with no key (-inf) are skipped,
-// a row with none at all is 0 with lse +inf, and a NaN lse_s makes the row NaN.
+// a row with none at all is 0 with lse +inf, a row whose splits saw keys but only overflowed
+// scores (-FLT_MAX) is NaN with lse -inf, and a NaN lse_s makes the row NaN.
 template <typename T, int D>
 __global__ void combine_kernel(const Params p) {
   const QueryRow row = query_row(p);
@@ -155,7 +183,7 @@ __global__ void combine_kernel(const Params p) {
   constexpr int kPerLane = D / kWarpSize;  // 2 or 4 consecutive pairs of columns
   float acc[kPerLane] = {};
   float total = 0.f;
-  if (mx != -INFINITY) {
+  if (mx != -INFINITY && mx != -FLT_MAX) {
     for (int s = 0; s < p.kv_splits; ++s) {
       const float x = p.partial_lse[s * plane + row.index];
       if (x == -INFINITY) continue;
@@ -170,28 +198,20 @@ __global__ void combine_kernel(const Params p) {
       }
     }
   }
-  const float inv = total == 0.f ? 0.f : 1.f / total;
+  const bool overflow = mx == -FLT_MAX;
+  const float inv = overflow ? NAN : (total == 0.f ? 0.f : 1.f / total);
 #pragma unroll
   for (int c = 0; c < kPerLane; c += 2) {
     *reinterpret_cast<uint32_t*>(out + c * kWarpSize + 2 * lane) = pack2<T>(acc[c] * inv, acc[c + 1] * inv);
   }
-  if (lane == 0) p.lse[row.index] = total == 0.f ? INFINITY : mx + logf(total);
-}
-
-template <typename T, int D, bool kMask>
-void launch_forward(const Params& p, cudaStream_t stream) {
-  using C = ForwardConfig<D>;
-  launch(forward_kernel<T, D, kMask>, dim3((p.Lq + C::kBlockM - 1) / C::kBlockM * p.kv_splits, p.Hq, p.B),
-         C::kThreads, C::kSmemBytes, stream, p);
+  if (lane == 0) p.lse[row.index] = overflow ? -INFINITY : (total == 0.f ? INFINITY : mx + logf(total));
 }
 
 template <typename T, int D>
 void run_forward(const Params& p, cudaStream_t stream) {
-  if (p.mask != nullptr) {
-    launch_forward<T, D, true>(p, stream);
-  } else {
-    launch_forward<T, D, false>(p, stream);
-  }
+  using C = ForwardConfig<D>;
+  launch(forward_kernel<T, D>, dim3((p.Lq + C::kBlockM - 1) / C::kBlockM * p.kv_splits, p.Hq, p.B), C::kThreads,
+         C::kSmemBytes, stream, p);
   if (p.kv_splits > 1) launch_per_row(combine_kernel<T, D>, p, stream);
 }
 

@@ -35,6 +35,10 @@ inline int kv_splits_for(int64_t q_blocks, int64_t sms, int64_t lk) {
   return static_cast<int>(splits < 1 ? 1 : (splits > kMaxKvSplits ? kMaxKvSplits : splits));
 }
 
+// Key tiles of every kernel are kKeyTile keys, aligned to multiples of it.
+constexpr int kKeyTile = 64;
+static_assert(kKeyTile == kForwardBlockN, "the forward's key tiles are the key tiles");
+
 struct Params {
   Operand q, k, v, out;
   Operand dout, dq, dk, dv;         // backward only
@@ -42,13 +46,21 @@ struct Params {
   float* delta = nullptr;           // (B, Hq, Lq) contiguous backward scratch: rowsum(dO * O)
   const int64_t* kv_lengths = nullptr;  // (B,) or null
   const int64_t* q_lengths = nullptr;   // (B,) or null
+  const int64_t* kv_start = nullptr;    // (B, Lq) contiguous or null: row i sees keys kv_start <= j < kv_end
+  const int64_t* kv_end = nullptr;      // (B, Lq) contiguous or null
   const bool* mask = nullptr;           // key_padding_mask (B, Lk), true = ignore; or null
   int64_t mask_sb = 0, mask_sk = 0;
+  bool causal = false;                    // key j visible to row i only if j <= i + Lk - Lq
+  // Attention dropout (csrc/philox.h): keep a probability when its Philox draw >= threshold.
+  const int64_t* seed = nullptr;  // one int64 on the device; null: no dropout
+  uint64_t dropout_threshold = 0;
+  float keep_scale = 1.f;  // 1 / (1 - dropout_p)
   int B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0;
   float scale = 1.f;
   // Forward only: the key tiles of each query block are shared among kv_splits CTAs, which
-  // write normalised partial outputs and their log-sum-exp (-inf: no key in that split) to
-  // these contiguous fp32 buffers; a combine kernel merges them into out and lse.
+  // write normalised partial outputs and their log-sum-exp (-inf: no key in that split, NaN:
+  // keys whose scores all overflowed) to these contiguous fp32 buffers; a combine kernel merges
+  // them into out and lse.
   int kv_splits = 1;
   float* partial_out = nullptr;  // (kv_splits, B, Hq, Lq, D)
   float* partial_lse = nullptr;  // (kv_splits, B, Hq, Lq)

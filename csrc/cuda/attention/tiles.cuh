@@ -1,6 +1,14 @@
 // What the forward and backward kernels share: the shared-memory tile loaders, the software
-// pipeline, the two warp-level GEMM shapes every step of FlashAttention is made of, key
-// visibility, and which queries a CTA or warp owns.
+// pipeline, the two warp-level GEMM shapes every step of FlashAttention is made of, which keys
+// each query row sees, and which queries a CTA or warp owns.
+//
+// Visibility. Row i of batch b sees keys j with lo <= j < hi (kv_start/kv_end, kv_lengths and the
+// causal rule folded into one range) that key_padding_mask leaves. A CTA stages its rows' ranges
+// in shared memory and walks only the key tiles (kKeyTile keys, aligned) that some row sees;
+// before a tile is loaded, prepare_tile marks which of its keys any row sees, and only those are
+// copied (the rest are zero-filled), so keys no row of the block sees never reach a product,
+// whatever they hold. A key that one row sees and another does not must hold finite values:
+// the hidden row's exact 0 probability would otherwise meet them inside the MMA.
 //
 // Shared-memory tiles are row-major with D + kPad elements per row: the 16 bytes of padding
 // shift consecutive rows by one bank group, so the eight row addresses of an ldmatrix land in
@@ -11,6 +19,7 @@
 
 #include <cstdint>
 
+#include "../../philox.h"
 #include "mma.cuh"
 #include "params.h"
 
@@ -33,14 +42,21 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, 
   }
 }
 
-// Key tile `tile` (kKeys keys) of k and v, one (batch, kv head), into K/V buffer `buf`.
+// Key tile `tile` (kKeys keys, aligned) of k and v, one (batch, kv head), into K/V buffer `buf`:
+// the keys need[] marks are copied, the others zero-filled.
 template <typename T, int kKeys, int D, int kThreads>
-__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const Params& p, int n_keys,
-                                             int tile, int buf) {
+__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const Params& p, int tile, int buf,
+                                             const uint8_t* need) {
   constexpr int kTileElems = kKeys * (D + kPad);
-  const int j0 = tile * kKeys, n = min(kKeys, n_keys - j0);
-  load_tile<T, kKeys, D, kThreads>(sK + buf * kTileElems, k + j0 * p.k.sl, p.k.sl, n);
-  load_tile<T, kKeys, D, kThreads>(sV + buf * kTileElems, v + j0 * p.v.sl, p.v.sl, n);
+  constexpr int kChunks = D / 8;
+  const int64_t j0 = int64_t(tile) * kKeys;
+  for (int c = threadIdx.x; c < kKeys * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = need[r];
+    const int64_t kr = ok ? (j0 + r) * p.k.sl + col : 0, vr = ok ? (j0 + r) * p.v.sl + col : 0;
+    cp_async_16(sK + buf * kTileElems + r * (D + kPad) + col, k + kr, ok);
+    cp_async_16(sV + buf * kTileElems + r * (D + kPad) + col, v + vr, ok);
+  }
 }
 
 // acc (16 x N) += A * B^T: A is the 16 x K block of a shared tile at `a` (this warp's rows),
@@ -101,32 +117,139 @@ __device__ __forceinline__ void zero_row(float (&acc)[N][4], int r) {
   for (int i = 0; i < N; ++i) acc[i][2 * r] = acc[i][2 * r + 1] = 0.f;
 }
 
+__device__ __forceinline__ int clamp_index(int64_t x, int limit) {
+  return x < 0 ? 0 : (x > limit ? limit : static_cast<int>(x));
+}
+
 __device__ __forceinline__ int clamp_length(const int64_t* lengths, int b, int limit) {
-  if (lengths == nullptr) return limit;
-  const int64_t n = lengths[b];
-  return n < 0 ? 0 : (n > limit ? limit : static_cast<int>(n));
+  return lengths == nullptr ? limit : clamp_index(lengths[b], limit);
 }
 
-// Key j of batch b takes part: inside kv_lengths and not set in key_padding_mask.
-template <bool kMask>
-__device__ __forceinline__ bool key_visible(const Params& p, int b, int j, int n_keys) {
-  if (j >= n_keys) return false;
-  if constexpr (kMask) return !p.mask[b * p.mask_sb + j * p.mask_sk];
-  return true;
+__device__ __forceinline__ bool key_masked(const Params& p, int b, int j) {
+  return p.mask != nullptr && p.mask[b * p.mask_sb + j * p.mask_sk];
 }
 
-// Scores (already scaled) of keys that take no part become -inf; keys are the columns
-// j0 .. j0 + N - 1 of a 16 x N tile. Without a mask only a tile reaching past n_keys has any.
-template <bool kMask, int N>
-__device__ __forceinline__ void hide_key_columns(float (&s)[N / 8][4], const Params& p, int b, int j0, int n_keys,
-                                                 int lane) {
-  if (!kMask && j0 + N <= n_keys) return;
+// The keys row i of batch b may see, [lo, hi) (less those the mask hides); empty: lo = hi = 0.
+// The caller excludes padded rows (q_lengths).
+struct RowRange {
+  int lo, hi;
+};
+
+__device__ __forceinline__ RowRange row_range(const Params& p, int b, int i) {
+  const int64_t row = int64_t(b) * p.Lq + i;
+  const int lo = p.kv_start != nullptr ? clamp_index(p.kv_start[row], p.Lk) : 0;
+  int hi = p.kv_end != nullptr ? clamp_index(p.kv_end[row], p.Lk) : p.Lk;
+  hi = min(hi, clamp_length(p.kv_lengths, b, p.Lk));
+  if (p.causal) hi = min(hi, i + 1 + p.Lk - p.Lq);
+  return hi > lo ? RowRange{lo, hi} : RowRange{0, 0};
+}
+
+// What the rows of a block see together: the union [first, last) of their ranges (empty when
+// last <= first), and [max_lo, min_hi), which every row that sees anything sees.
+struct Span {
+  int first, last, max_lo, min_hi;
+};
+
+// Writes the ranges of rows row0 .. row0 + kRows - 1 of batch b to sLo/sHi (rows >= `valid` are
+// padding: empty) and returns their span. Has a barrier.
+template <int kRows, int kThreads>
+__device__ __forceinline__ Span stage_rows(const Params& p, int b, int row0, int valid, int* sLo, int* sHi) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    const RowRange rr = r < valid ? row_range(p, b, row0 + r) : RowRange{0, 0};
+    sLo[r] = rr.lo;
+    sHi[r] = rr.hi;
+  }
+  __syncthreads();
+  Span s{p.Lk, 0, 0, p.Lk};
+  for (int r = 0; r < kRows; ++r) {
+    if (sHi[r] <= sLo[r]) continue;
+    s.first = min(s.first, sLo[r]);
+    s.last = max(s.last, sHi[r]);
+    s.max_lo = max(s.max_lo, sLo[r]);
+    s.min_hi = min(s.min_hi, sHi[r]);
+  }
+  return s;
+}
+
+// Marks in need[t] whether some row of the block (ranges in sLo/sHi, kRows of them) sees key
+// tile * kKeyTile + t, and returns whether any does. Called by the whole CTA (it has a barrier).
+template <int kRows>
+__device__ __forceinline__ bool prepare_tile(const Params& p, int b, int tile, const Span& span, const int* sLo,
+                                             const int* sHi, uint8_t* need) {
+  const int j0 = tile * kKeyTile;
+  const bool whole = span.max_lo <= j0 && span.min_hi >= j0 + kKeyTile;  // no row needs testing
+  int any = 0;
+  for (int t = threadIdx.x; t < kKeyTile; t += blockDim.x) {
+    const int j = j0 + t;
+    bool seen = j >= span.first && j < span.last && !key_masked(p, b, j);
+    if (seen && !whole) {
+      seen = false;
+      for (int r = 0; r < kRows && !seen; ++r) seen = sLo[r] <= j && j < sHi[r];
+    }
+    need[t] = seen;
+    any |= seen;
+  }
+  return __syncthreads_or(any) != 0;
+}
+
+// Rows [0, kRows) of the key block starting at key0 (row stride in elements): keys that
+// kv_lengths and the mask leave are copied, the others zero-filled.
+template <typename T, int kRows, int D, int kThreads>
+__device__ __forceinline__ void load_keys(T* s, const T* g, int64_t row_stride, const Params& p, int b, int key0,
+                                          int n_keys) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const int j = key0 + r;
+    const bool ok = j < n_keys && !key_masked(p, b, j);
+    cp_async_16(s + r * (D + kPad) + col, ok ? g + r * row_stride + col : g, ok);
+  }
+}
+
+// Whether a (row, key) pair of a tile is visible: the key is one some row needs, the row sees
+// anything at all, and the key is inside the row's range (always, in a whole tile).
+__device__ __forceinline__ bool pair_visible(bool needed, const RowRange& r, int j, bool whole) {
+  return needed && r.hi > r.lo && (whole || (j >= r.lo && j < r.hi));
+}
+
+// Scores of keys a row does not see become -inf (keys are the columns j0 .. j0 + N - 1 of a
+// 16 x N tile; this thread's rows are `rows`), and seen[] records whether a row saw any.
+template <int N>
+__device__ __forceinline__ void hide_scores(float (&s)[N / 8][4], const uint8_t* need, int j0, bool whole,
+                                            const RowRange (&rows)[2], bool (&seen)[2], int lane) {
   const int quad = lane % 4;
 #pragma unroll
   for (int nb = 0; nb < N / 8; ++nb) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if (!key_visible<kMask>(p, b, j0 + nb * 8 + 2 * quad + e, n_keys)) s[nb][e] = s[nb][e + 2] = -INFINITY;
+    for (int e = 0; e < 4; ++e) {
+      const int t = nb * 8 + 2 * quad + (e & 1);
+      if (pair_visible(need[t], rows[e / 2], j0 + t, whole)) {
+        seen[e / 2] = true;
+      } else {
+        s[nb][e] = -INFINITY;
+      }
+    }
+  }
+}
+
+// Attention dropout on a 16 x N tile of probabilities whose rows are query rows `row` (their
+// (b * Hq + h) * Lq + i index, this thread's two) and columns keys j0 + column: kept ones are
+// scaled by 1 / (1 - p), dropped ones become 0 (csrc/philox.h draws the same numbers everywhere).
+template <int N>
+__device__ __forceinline__ void drop_rows(float (&s)[N / 8][4], const Params& p, uint64_t seed, const int64_t (&row)[2],
+                                          int j0, int lane) {
+  const int quad = lane % 4;
+#pragma unroll
+  for (int nb = 0; nb < N / 8; ++nb) {
+    const int j = j0 + nb * 8 + 2 * quad;  // even: j and j + 1 share a Philox call
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const Philox4 x = philox4x32(static_cast<uint64_t>(row[r]), static_cast<uint32_t>(j >> 2), seed);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[nb][2 * r + e];
+        v = x.x[(j + e) & 3] >= p.dropout_threshold ? v * p.keep_scale : 0.f;
+      }
     }
   }
 }
@@ -137,7 +260,6 @@ struct QueryBlock {
   int row0;      // first query row
   int rows;      // rows inside Lq
   int valid;     // rows that are not padding (q_lengths)
-  int n_keys;    // keys inside kv_lengths
 };
 
 template <int kBlockM>
@@ -149,28 +271,39 @@ __device__ __forceinline__ QueryBlock query_block(const Params& p, int index) {
   q.row0 = index * kBlockM;
   q.rows = min(kBlockM, p.Lq - q.row0);
   q.valid = max(0, min(q.rows, clamp_length(p.q_lengths, q.b, p.Lq) - q.row0));
-  q.n_keys = clamp_length(p.kv_lengths, q.b, p.Lk);
   return q;
 }
 
-// The software pipeline of every kernel here: `steps` steps over two shared buffers. Step t + 1's
-// copies (load(t + 1, buffer)) are in flight while body(t, buffer) runs. Copies issued before the
-// call join step 0's group.
-template <typename Load, typename Body>
-__device__ __forceinline__ void pipeline(int steps, Load&& load, Body&& body) {
-  load(0, 0);
+// The software pipeline of every kernel here, over the steps in [begin, end) that prepare(step,
+// buffer) keeps (it may have barriers; every thread calls it alike): the next kept step's copies
+// (load(step, buffer)) are in flight while body(step, buffer) runs. Copies issued before the call
+// join the first kept step's group.
+template <typename Prepare, typename Load, typename Body>
+__device__ __forceinline__ void pipeline(int begin, int end, Prepare&& prepare, Load&& load, Body&& body) {
+  int cur = begin;
+  while (cur < end && !prepare(cur, 0)) ++cur;
+  if (cur >= end) {
+    cp_async_commit();
+    cp_async_wait<0>();  // copies issued before the call, if any
+    return;
+  }
+  load(cur, 0);
   cp_async_commit();
-  for (int t = 0; t < steps; ++t) {
-    if (t + 1 < steps) {
-      load(t + 1, (t + 1) & 1);
+  for (int buf = 0;; buf ^= 1) {
+    int next = cur + 1;
+    while (next < end && !prepare(next, buf ^ 1)) ++next;
+    if (next < end) {
+      load(next, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    body(t, t & 1);
+    body(cur, buf);
     __syncthreads();  // the next step refills this buffer
+    if (next >= end) break;
+    cur = next;
   }
 }
 

@@ -10,7 +10,7 @@ import torch
 
 from mmkernels.backends.base import Problem
 
-HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128, 256)
+MAX_HEAD_DIM = 256  # any head dim up to it: padded to the next power of two inside the kernels
 MAX_MODALITIES = 8
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 OPS = ("cross_attention", "co_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion")
@@ -30,8 +30,8 @@ def why_not(p: Problem, explicit: bool) -> str | None:
         return f"runs on cuda tensors, got {p.device.type}"
     if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"supports float16, bfloat16 and float32, got {p.dtype}"
-    if p.op in ("cross_attention", "co_attention") and p.head_dim not in HEAD_DIMS:
-        return f"supports head dims {HEAD_DIMS}, got {p.head_dim}"
+    if p.op in ("cross_attention", "co_attention") and not 1 <= p.head_dim <= MAX_HEAD_DIM:
+        return f"supports head dims 1 to {MAX_HEAD_DIM}, got {p.head_dim}"
     if p.op in ("concat_weighted_fusion", "decision_fusion", "linear_fusion") and p.modalities > MAX_MODALITIES:
         return f"supports at most {MAX_MODALITIES} modalities, got {p.modalities}"
     return None

@@ -1,12 +1,21 @@
 """Triton cross-attention, FlashAttention-2 style.
 
-Forward: a program per (block of BLOCK_M queries, batch x query head) streams K/V tiles with an
-online softmax in base 2 (exp2) and fp32; the loop stops at the row's kv_length, so padded key
-tiles are never loaded. It saves the natural-log log-sum-exp (+inf for rows that see no key).
+Forward: a program per (block of BLOCK_M queries, batch x query head). It computes each row's
+key range (kv_start/kv_end, kv_lengths, causal, and the first/last key the key_padding_mask
+leaves) and streams only the K/V tiles that meet their union, with an online softmax in base 2
+(exp2) and fp32; a tile that no row sees, or that the mask hides whole, is skipped before it is
+loaded. It saves the natural-log log-sum-exp (+inf for rows that see no key), in float64 for
+float32 inputs so that the backward recomputes the forward's probabilities exactly.
 Backward: a preprocess computes delta = rowsum(dO * O); a dK/dV kernel runs per (key block,
-batch x kv head) and loops over the query heads of its group (GQA without copies) and their real
-query rows; a dQ kernel runs per (query block, batch x query head). No atomics: deterministic.
-Head dims are padded to the next power of two inside the kernel (masked loads), not in memory.
+batch x kv head) and loops over the query heads of its group (GQA without copies) and the query
+blocks whose rows see its keys; a dQ kernel runs per (query block, batch x query head) over the
+key tiles its rows see. No atomics: deterministic.
+
+Hidden keys never influence anything: scores are selected (not multiplied) away, and the
+products with V, K, Q and dO use copies whose non-finite entries are zeroed; a visible
+non-finite entry makes the output it reaches NaN. Dropout draws Philox numbers exactly as the
+other backends do (csrc/philox.h). Head dims are padded to the next power of two inside the
+kernel (masked loads), not in memory, so any head dim up to 256 runs.
 """
 import math
 
@@ -15,89 +24,156 @@ import triton
 import triton.language as tl
 
 from mmkernels.backends.base import co_attention_backward_by_two_calls, co_attention_by_two_calls
+from mmkernels.backends.reference import dropout_threshold
 from mmkernels.backends.triton.config import INTERPRET, attention_configs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr):
-    n_keys = Lk
-    if HAS_KVLEN:
-        n_keys = tl.minimum(tl.maximum(tl.load(KvLen + b).to(tl.int32), 0), Lk)
-    q_valid = Lq
+def _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, MaskLo, MaskHi,
+                HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """lo, hi, active for the rows: row i sees keys lo <= j < hi (less any the mask hides);
+    rows that see nothing (padding, empty ranges) are inactive, with lo = hi = 0."""
+    in_q = rows < Lq
+    active = in_q
     if HAS_QLEN:
-        q_valid = tl.minimum(tl.maximum(tl.load(QLen + b).to(tl.int32), 0), Lq)
-    return n_keys, q_valid
-
-
-@triton.jit
-def _query_block(pid_m, pid_bh, KvLen, QLen, Hq, Lq, Lk, group,
-                 HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """What a forward or dQ program owns: batch b, its query head and kv head as int64 offsets
-    (b too), the keys to visit, the valid query count, its BLOCK_M rows and which are not padding."""
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    n_keys, q_valid = _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN, HAS_QLEN)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    return b, b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64), n_keys, q_valid, rows, rows < q_valid
-
-
-@triton.jit
-def _visible(Mask, smb, sml, b, cols, n_keys, HAS_MASK: tl.constexpr):
-    """(BLOCK_N,) True for keys that take part: inside the length and not masked out."""
-    visible = cols < n_keys
+        active = active & (rows < tl.minimum(tl.maximum(tl.load(QLen + b * s_ql), 0), Lq))
+    lo = tl.zeros(rows.shape, tl.int32)
+    hi = tl.zeros(rows.shape, tl.int32) + Lk
+    if HAS_START:
+        lo = tl.minimum(tl.maximum(tl.load(Start + b * s_stb + rows.to(tl.int64) * s_stl, mask=in_q, other=0), 0), Lk).to(tl.int32)
+    if HAS_END:
+        hi = tl.minimum(tl.maximum(tl.load(End + b * s_enb + rows.to(tl.int64) * s_enl, mask=in_q, other=0), 0), Lk).to(tl.int32)
+    if HAS_KVLEN:
+        hi = tl.minimum(hi, tl.minimum(tl.maximum(tl.load(KvLen + b * s_kvl), 0), Lk).to(tl.int32))
+    if CAUSAL:
+        hi = tl.minimum(hi, rows + 1 + Lk - Lq)
     if HAS_MASK:
-        ignored = tl.load(Mask + b.to(tl.int64) * smb + cols.to(tl.int64) * sml, mask=visible, other=1)
-        visible = visible & (ignored == 0)
-    return visible
+        lo = tl.maximum(lo, tl.load(MaskLo + b))
+        hi = tl.minimum(hi, tl.load(MaskHi + b))
+    active = active & (hi > lo)
+    return tl.where(active, lo, 0), tl.where(active, hi, 0), active
+
+
+@triton.jit
+def _visible(lo, hi, cols, Mask, smb, sml, b, Lk, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N): row i sees key j. Keys past Lk are never visible (lo/hi are clamped)."""
+    vis = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+    if HAS_MASK:
+        hidden = tl.load(Mask + b.to(tl.int64) * smb + cols.to(tl.int64) * sml, mask=cols < Lk, other=1)
+        vis = vis & (hidden == 0)[None, :]
+    return vis
+
+
+@triton.jit
+def _keep(Seed, row0, rows, cols, threshold):
+    """Dropout's keep mask for query rows (their (b * Hq + h) * Lq + i index starts at row0) and
+    keys cols: Philox4x32-10 with counter (row, row >> 32, j >> 2, 0), output j & 3."""
+    seed = tl.load(Seed)
+    row = row0 + rows.to(tl.int64)
+    zero = tl.zeros([rows.shape[0], cols.shape[0]], tl.uint32)
+    c0 = (row & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero
+    c1 = (row >> 32).to(tl.uint32)[:, None] + zero
+    c2 = (cols >> 2).to(tl.uint32)[None, :] + zero
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    sel = (cols & 3)[None, :]
+    draw = tl.where(sel == 0, r0, tl.where(sel == 1, r1, tl.where(sel == 2, r2, r3)))
+    return draw.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
+def _lse_base2(Lse, offsets, mask, LSE64: tl.constexpr):
+    """(hi, lo) with hi + lo = lse * log2(e): the base-2 log-sum-exp, split so that exp2((s - hi) - lo)
+    reproduces the forward's probabilities; +inf (no key) gives hi = inf, lo = 0, so P = 0."""
+    lse = tl.load(Lse + offsets, mask=mask, other=float("inf"))
+    if LSE64:
+        lse2 = lse * 1.4426950408889634
+        finite = _finite(lse2)
+        lse2_finite = tl.where(finite, lse2, 0.0)
+        hi = lse2_finite.to(tl.float32)
+        lo = (lse2_finite - hi.to(tl.float64)).to(tl.float32)
+        hi = tl.where(finite, hi, lse2.to(tl.float32))  # +-inf and NaN stay, with lo = 0
+    else:
+        hi = lse * 1.4426950408889634
+        lo = tl.zeros(hi.shape, tl.float32)
+    return hi, lo
 
 
 @triton.jit
 def _fwd_program(
     pid_m, pid_bh,
-    Q, K, V, Out, Lse, KvLen, Mask, QLen,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smb, sml,
-    Hq, Lq, Lk, group, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+    KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+    Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b, b64, h64, hk64, n_keys, q_valid, rows, row_ok = _query_block(
-        pid_m, pid_bh, KvLen, QLen, Hq, Lq, Lk, group, HAS_KVLEN, HAS_QLEN, BLOCK_M)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lo, hi, active = _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl,
+                                 MaskLo, MaskHi, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL)
+    first = tl.min(tl.where(active, lo, Lk))
+    last = tl.max(hi)
     dims = tl.arange(0, BLOCK_D)
-    cols0 = tl.arange(0, BLOCK_N)
+    in_q = rows < Lq
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :],
-                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+                mask=in_q[:, None] & (dims[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seen = tl.zeros([BLOCK_M], tl.int32)
+    poisoned = tl.zeros([BLOCK_M, BLOCK_D], tl.int32)  # outputs a visible non-finite value reaches
     k_base = K + b64 * skb + hk64 * skh
     v_base = V + b64 * svb + hk64 * svh
-    n_end = tl.where(pid_m * BLOCK_M < q_valid, n_keys, 0)  # padded query blocks load nothing
-    for start in range(0, n_end, BLOCK_N):
-        cols = start + cols0
-        visible = _visible(Mask, smb, sml, b, cols, n_keys, HAS_MASK)
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * skl + dims[:, None],
-                     mask=(cols[None, :] < n_keys) & (dims[:, None] < D), other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svl + dims[None, :],
-                    mask=(cols[:, None] < n_keys) & (dims[None, :] < D), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    empty = l_i == 0.0
-    out = tl.where(empty[:, None] | ~row_ok[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-    lse = tl.where(empty | ~row_ok, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    in_range = rows < Lq
+    row0 = (b64 * Hq + h64) * Lq
+    for start in range(first, last, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        vis = _visible(lo, hi, cols, Mask, smb, sml, b, Lk, HAS_MASK)
+        if tl.max(vis.to(tl.int32)) > 0:  # a tile no row sees is never loaded
+            kv_ok = (cols < Lk)
+            kt = tl.load(k_base + cols[None, :].to(tl.int64) * skl + dims[:, None],
+                         mask=kv_ok[None, :] & (dims[:, None] < D), other=0.0)
+            s = tl.where(vis, tl.dot(q, kt, input_precision=PRECISION) * scale_log2, float("-inf"))
+            seen = tl.maximum(seen, tl.max(vis.to(tl.int32), 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(_keep(Seed, row0, rows, cols, threshold), p * keep_scale, 0.0)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * svl + dims[None, :],
+                        mask=kv_ok[:, None] & (dims[None, :] < D), other=0.0)
+            v_ok = _finite(v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), input_precision=PRECISION)
+            if tl.min(v_ok.to(tl.int32)) == 0:  # rare: count the visible non-finite values each output meets
+                hits = tl.dot(vis.to(tl.float32), (v_ok == 0).to(tl.float32), input_precision="ieee")
+                poisoned = tl.maximum(poisoned, (hits > 0).to(tl.int32))
+            m_i = m_new
+    empty = seen == 0
+    overflow = (l_i == 0.0) & ~empty  # visible keys whose scores all overflowed: NaN, not a silent 0
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None])
+    out = tl.where(overflow[:, None] | (poisoned > 0), float("nan"), out)
+    if LSE64:
+        lse = (m_i.to(tl.float64) + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i).to(tl.float64))) * 0.6931471805599453
+    else:
+        lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * LN2
+    lse = tl.where(empty, float("inf"), tl.where(overflow, float("-inf"), lse))
     tl.store(Out + b64 * sob + h64 * soh + rows[:, None].to(tl.int64) * sol + dims[None, :],
-             out.to(Out.dtype.element_ty), mask=in_range[:, None] & (dims[None, :] < D))
-    tl.store(Lse + pid_bh.to(tl.int64) * Lq + rows, lse, mask=in_range)
+             out.to(Out.dtype.element_ty), mask=in_q[:, None] & (dims[None, :] < D))
+    tl.store(Lse + row0 + rows, lse, mask=in_q)
 
 
 @triton.jit
@@ -116,54 +192,62 @@ def _delta_kernel(O, DO, Delta, sob, soh, sol, sdb, sdh, sdl, Hq, Lq,
 
 
 @triton.jit
-def _probabilities(q, kt, lse_row, visible, scale_log2, PRECISION: tl.constexpr):
-    """P = exp(scale q k^T - lse) for a (BLOCK_M, BLOCK_N) tile; 0 for hidden keys and empty rows."""
-    s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
-    p = tl.math.exp2(s - lse_row[:, None] * LOG2E)
-    return tl.where(visible[None, :], p, 0.0)
-
-
-@triton.jit
 def _bwd_dkdv_program(
     pid_n, pid_bh,
-    Q, K, V, DO, Lse, Delta, DK, DV, KvLen, Mask, QLen,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-    sdkb, sdkh, sdkl, sdvb, sdvh, sdvl, smb, sml,
-    Hq, Hkv, Lq, Lk, group, scale, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+    sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
+    KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+    Hq, Hkv, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    n_keys, q_valid = _lengths(KvLen, QLen, b, Lq, Lk, HAS_KVLEN, HAS_QLEN)
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     rows0 = tl.arange(0, BLOCK_M)
-    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
-    col_ok = cols < n_keys
-    visible = _visible(Mask, smb, sml, b, cols, n_keys, HAS_MASK)
-    kv_mask = col_ok[:, None] & (dims[None, :] < D)
+    kv_ok = cols < Lk
+    kv_mask = kv_ok[:, None] & (dims[None, :] < D)
     k = tl.load(K + b64 * skb + hk64 * skh + cols[:, None].to(tl.int64) * skl + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b64 * svb + hk64 * svh + cols[:, None].to(tl.int64) * svl + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    m_end = tl.where(pid_n * BLOCK_N < n_keys, q_valid, 0)  # padded key blocks only write zeros
+    poisoned = tl.zeros([BLOCK_N, BLOCK_D], tl.int32)  # dV entries a visible non-finite dO reaches
+    key_first = pid_n * BLOCK_N
     for g in range(0, group):
         h64 = (hk * group + g).to(tl.int64)
-        stat = (b64 * Hq + h64) * Lq
-        for start in range(0, m_end, BLOCK_M):
+        row0 = (b64 * Hq + h64) * Lq
+        for start in range(0, Lq, BLOCK_M):
             rows = start + rows0
-            row_ok = rows < q_valid
-            q_mask = row_ok[:, None] & (dims[None, :] < D)
-            q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None].to(tl.int64) * sdl + dims[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(Lse + stat + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + stat + rows, mask=row_ok, other=0.0)
-            p = _probabilities(q, tl.trans(k), lse, visible, scale_log2, PRECISION)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            lo, hi, active = _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb,
+                                         s_enl, MaskLo, MaskHi, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL)
+            meets = active & (lo < key_first + BLOCK_N) & (hi > key_first)
+            if tl.max(meets.to(tl.int32)) > 0:  # query blocks whose rows see none of these keys are skipped
+                vis = _visible(lo, hi, cols, Mask, smb, sml, b, Lk, HAS_MASK)
+                in_q = rows < Lq
+                q_mask = in_q[:, None] & (dims[None, :] < D)
+                q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :], mask=q_mask, other=0.0)
+                do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None].to(tl.int64) * sdl + dims[None, :], mask=q_mask, other=0.0)
+                lse_hi, lse_lo = _lse_base2(Lse, row0 + rows, active, LSE64)
+                delta = tl.load(Delta + row0 + rows, mask=active, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                p = tl.where(vis, tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                z = p
+                if DROPOUT:
+                    keep = _keep(Seed, row0, rows, cols, threshold)
+                    z = tl.where(keep, p * keep_scale, 0.0)
+                    dp = tl.where(keep, dp * keep_scale, 0.0)
+                do_ok = _finite(do)
+                dv += tl.dot(tl.trans(z).to(do.dtype), tl.where(do_ok, do, 0.0), input_precision=PRECISION)
+                if tl.min(do_ok.to(tl.int32)) == 0:
+                    hits = tl.dot(tl.trans(vis.to(tl.float32)), (do_ok == 0).to(tl.float32), input_precision="ieee")
+                    poisoned = tl.maximum(poisoned, (hits > 0).to(tl.int32))
+                ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+                dk += tl.dot(tl.trans(ds).to(q.dtype), tl.where(_finite(q), q, 0.0), input_precision=PRECISION)
+    dv = tl.where(poisoned > 0, float("nan"), dv)
     in_range = (cols[:, None] < Lk) & (dims[None, :] < D)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + cols[:, None].to(tl.int64) * sdkl + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=in_range)
     tl.store(DV + b64 * sdvb + hk64 * sdvh + cols[:, None].to(tl.int64) * sdvl + dims[None, :], dv.to(DV.dtype.element_ty), mask=in_range)
@@ -172,170 +256,268 @@ def _bwd_dkdv_program(
 @triton.jit
 def _bwd_dq_program(
     pid_m, pid_bh,
-    Q, K, V, DO, Lse, Delta, DQ, KvLen, Mask, QLen,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql, smb, sml,
-    Hq, Lq, Lk, group, scale, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
+    KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+    Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b, b64, h64, hk64, n_keys, q_valid, rows, row_ok = _query_block(
-        pid_m, pid_bh, KvLen, QLen, Hq, Lq, Lk, group, HAS_KVLEN, HAS_QLEN, BLOCK_M)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lo, hi, active = _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl,
+                                 MaskLo, MaskHi, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL)
+    first = tl.min(tl.where(active, lo, Lk))
+    last = tl.max(hi)
     dims = tl.arange(0, BLOCK_D)
-    cols0 = tl.arange(0, BLOCK_N)
-    q_mask = row_ok[:, None] & (dims[None, :] < D)
+    in_q = rows < Lq
+    q_mask = in_q[:, None] & (dims[None, :] < D)
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None].to(tl.int64) * sdl + dims[None, :], mask=q_mask, other=0.0)
-    stat = pid_bh.to(tl.int64) * Lq
-    lse = tl.load(Lse + stat + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + stat + rows, mask=row_ok, other=0.0)
+    row0 = (b64 * Hq + h64) * Lq
+    lse_hi, lse_lo = _lse_base2(Lse, row0 + rows, active, LSE64)
+    delta = tl.load(Delta + row0 + rows, mask=active, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_end = tl.where(pid_m * BLOCK_M < q_valid, n_keys, 0)
-    for start in range(0, n_end, BLOCK_N):
-        cols = start + cols0
-        visible = _visible(Mask, smb, sml, b, cols, n_keys, HAS_MASK)
-        kv_mask = (cols[None, :] < n_keys) & (dims[:, None] < D)
-        kt = tl.load(K + b64 * skb + hk64 * skh + cols[None, :].to(tl.int64) * skl + dims[:, None], mask=kv_mask, other=0.0)
-        vt = tl.load(V + b64 * svb + hk64 * svh + cols[None, :].to(tl.int64) * svl + dims[:, None], mask=kv_mask, other=0.0)
-        p = _probabilities(q, kt, lse, visible, scale_log2, PRECISION)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    for start in range(first, last, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        vis = _visible(lo, hi, cols, Mask, smb, sml, b, Lk, HAS_MASK)
+        if tl.max(vis.to(tl.int32)) > 0:
+            kv_mask = (cols[None, :] < Lk) & (dims[:, None] < D)
+            kt = tl.load(K + b64 * skb + hk64 * skh + cols[None, :].to(tl.int64) * skl + dims[:, None], mask=kv_mask, other=0.0)
+            vt = tl.load(V + b64 * svb + hk64 * svh + cols[None, :].to(tl.int64) * svl + dims[:, None], mask=kv_mask, other=0.0)
+            s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+            p = tl.where(vis, tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None]), 0.0)
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            if DROPOUT:
+                dp = tl.where(_keep(Seed, row0, rows, cols, threshold), dp * keep_scale, 0.0)
+            ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(tl.where(_finite(kt), kt, 0.0)), input_precision=PRECISION)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows[:, None].to(tl.int64) * sdql + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=(rows[:, None] < Lq) & (dims[None, :] < D))
+             mask=q_mask)
 
 
-@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D", "HAS_MASK"])
+_KEY = ["BLOCK_D", "HAS_MASK", "HAS_START", "CAUSAL", "DROPOUT"]
+
+
+@triton.autotune(configs=attention_configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, KvLen, Mask, QLen,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smb, sml,
-    Hq, Lq, Lk, group, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+    KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+    Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    _fwd_program(tl.program_id(0), tl.program_id(1), Q, K, V, Out, Lse, KvLen, Mask, QLen, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, smb, sml, Hq, Lq, Lk, group, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_MASK, HAS_QLEN, PRECISION, BLOCK_M, BLOCK_N)
+    _fwd_program(
+        tl.program_id(0), tl.program_id(1),
+        Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+        KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+        Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
+        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+    )
 
 
-@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D"])
-@triton.jit
-def _fwd_co_kernel(
-    Q_a, K_a, V_a, Out_a, Lse_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a,
-    svb_a, svh_a, svl_a, sob_a, soh_a, sol_a, smb_a, sml_a, Hq_a, Lq_a, Lk_a, group_a,
-    scale_log2_a, Q_b, K_b, V_b, Out_b, Lse_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b,
-    skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b,
-    group_b, scale_log2_b, BH_A,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Both directions of co-attention in one launch: programs below BH_A run direction a."""
-    pid_bh = tl.program_id(1)
-    if pid_bh < BH_A:
-        _fwd_program(tl.program_id(0), pid_bh, Q_a, K_a, V_a, Out_a, Lse_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a, smb_a, sml_a, Hq_a, Lq_a, Lk_a, group_a, scale_log2_a, D, BLOCK_D, HAS_KVLEN_A, False, HAS_QLEN_A, PRECISION, BLOCK_M, BLOCK_N)
-    else:
-        _fwd_program(tl.program_id(0), pid_bh - BH_A, Q_b, K_b, V_b, Out_b, Lse_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b, group_b, scale_log2_b, D, BLOCK_D, HAS_KVLEN_B, False, HAS_QLEN_B, PRECISION, BLOCK_M, BLOCK_N)
-
-
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_MASK"])
+@triton.autotune(configs=attention_configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, KvLen, Mask, QLen,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-    sdkb, sdkh, sdkl, sdvb, sdvh, sdvl, smb, sml,
-    Hq, Hkv, Lq, Lk, group, scale, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+    sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
+    KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+    Hq, Hkv, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    _bwd_dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, Lse, Delta, DK, DV, KvLen, Mask, QLen, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdkb, sdkh, sdkl, sdvb, sdvh, sdvl, smb, sml, Hq, Hkv, Lq, Lk, group, scale, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_MASK, HAS_QLEN, PRECISION, BLOCK_M, BLOCK_N)
+    _bwd_dkdv_program(
+        tl.program_id(0), tl.program_id(1),
+        Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+        sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
+        KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+        Hq, Hkv, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
+        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+    )
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D"])
-@triton.jit
-def _bwd_dkdv_co_kernel(
-    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a,
-    skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a,
-    sdvh_a, sdvl_a, smb_a, sml_a, Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, Q_b,
-    K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b,
-    skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b,
-    sdvh_b, sdvl_b, smb_b, sml_b, Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale_b, scale_log2_b, BH_A,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Both directions of co-attention in one launch: programs below BH_A run direction a."""
-    pid_bh = tl.program_id(1)
-    if pid_bh < BH_A:
-        _bwd_dkdv_program(tl.program_id(0), pid_bh, Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a, smb_a, sml_a, Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, D, BLOCK_D, HAS_KVLEN_A, False, HAS_QLEN_A, PRECISION, BLOCK_M, BLOCK_N)
-    else:
-        _bwd_dkdv_program(tl.program_id(0), pid_bh - BH_A, Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b, smb_b, sml_b, Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale_b, scale_log2_b, D, BLOCK_D, HAS_KVLEN_B, False, HAS_QLEN_B, PRECISION, BLOCK_M, BLOCK_N)
-
-
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_MASK"])
+@triton.autotune(configs=attention_configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, KvLen, Mask, QLen,
-    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql, smb, sml,
-    Hq, Lq, Lk, group, scale, scale_log2,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_QLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
+    KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+    Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    _bwd_dq_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, Lse, Delta, DQ, KvLen, Mask, QLen, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql, smb, sml, Hq, Lq, Lk, group, scale, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_MASK, HAS_QLEN, PRECISION, BLOCK_M, BLOCK_N)
+    _bwd_dq_program(
+        tl.program_id(0), tl.program_id(1),
+        Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
+        KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
+        Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
+        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+    )
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D"])
+# ---- co_attention: both directions in one launch per stage. A side is every runtime argument
+# of one direction; programs below BH_A run side a.
+
+@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D", "HAS_START_A", "HAS_START_B"])
 @triton.jit
-def _bwd_dq_co_kernel(
-    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a,
-    skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a, smb_a, sml_a,
-    Hq_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b,
-    KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b,
-    sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b, group_b, scale_b,
-    scale_log2_b, BH_A,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_co_kernel(
+    Q_a, K_a, V_a, Out_a, Lse_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a,
+    KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Hq_a, Lq_a, Lk_a, group_a,
+    Q_b, K_b, V_b, Out_b, Lse_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b,
+    KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Hq_b, Lq_b, Lk_b, group_b,
+    BH_A, scale_log2, Unused,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
+    HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
+    LSE64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Both directions of co-attention in one launch: programs below BH_A run direction a."""
     pid_bh = tl.program_id(1)
     if pid_bh < BH_A:
-        _bwd_dq_program(tl.program_id(0), pid_bh, Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, KvLen_a, Mask_a, QLen_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a, smb_a, sml_a, Hq_a, Lq_a, Lk_a, group_a, scale_a, scale_log2_a, D, BLOCK_D, HAS_KVLEN_A, False, HAS_QLEN_A, PRECISION, BLOCK_M, BLOCK_N)
+        _fwd_program(
+            tl.program_id(0), pid_bh,
+            Q_a, K_a, V_a, Out_a, Lse_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a,
+            KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
+            Hq_a, Lq_a, Lk_a, group_a, scale_log2, 0, 1.0,
+            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        )
     else:
-        _bwd_dq_program(tl.program_id(0), pid_bh - BH_A, Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b, KvLen_b, Mask_b, QLen_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b, smb_b, sml_b, Hq_b, Lq_b, Lk_b, group_b, scale_b, scale_log2_b, D, BLOCK_D, HAS_KVLEN_B, False, HAS_QLEN_B, PRECISION, BLOCK_M, BLOCK_N)
+        _fwd_program(
+            tl.program_id(0), pid_bh - BH_A,
+            Q_b, K_b, V_b, Out_b, Lse_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b,
+            KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
+            Hq_b, Lq_b, Lk_b, group_b, scale_log2, 0, 1.0,
+            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        )
 
 
-def _flags(q, kv_lengths, key_padding_mask, q_lengths):
+@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_START_A", "HAS_START_B"])
+@triton.jit
+def _bwd_dkdv_co_kernel(
+    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
+    sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a,
+    KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Hq_a, Hkv_a, Lq_a, Lk_a, group_a,
+    Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
+    sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b,
+    KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Hq_b, Hkv_b, Lq_b, Lk_b, group_b,
+    BH_A, scale, scale_log2, Unused,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
+    HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
+    LSE64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    if pid_bh < BH_A:
+        _bwd_dkdv_program(
+            tl.program_id(0), pid_bh,
+            Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
+            sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a,
+            KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
+            Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale, scale_log2, 0, 1.0,
+            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        )
+    else:
+        _bwd_dkdv_program(
+            tl.program_id(0), pid_bh - BH_A,
+            Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
+            sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b,
+            KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
+            Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale, scale_log2, 0, 1.0,
+            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        )
+
+
+@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_START_A", "HAS_START_B"])
+@triton.jit
+def _bwd_dq_co_kernel(
+    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
+    sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a,
+    KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Hq_a, Lq_a, Lk_a, group_a,
+    Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
+    sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b,
+    KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Hq_b, Lq_b, Lk_b, group_b,
+    BH_A, scale, scale_log2, Unused,
+    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
+    HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
+    LSE64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    if pid_bh < BH_A:
+        _bwd_dq_program(
+            tl.program_id(0), pid_bh,
+            Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
+            sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a,
+            KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
+            Hq_a, Lq_a, Lk_a, group_a, scale, scale_log2, 0, 1.0,
+            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        )
+    else:
+        _bwd_dq_program(
+            tl.program_id(0), pid_bh - BH_A,
+            Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
+            sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b,
+            KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
+            Hq_b, Lq_b, Lk_b, group_b, scale, scale_log2, 0, 1.0,
+            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        )
+
+
+# ---- host side
+
+def _mask_bounds(key_padding_mask, Lk):
+    """Per batch, the first key the mask leaves visible and one past the last (int32, on the
+    device, no host sync): the kernels never visit keys outside them."""
+    visible = ~key_padding_mask
+    any_visible = visible.any(1)
+    first = torch.where(any_visible, visible.int().argmax(1), Lk)
+    last = torch.where(any_visible, Lk - visible.flip(1).int().argmax(1), 0)
+    return first.to(torch.int32), last.to(torch.int32)
+
+
+class _Visibility:
+    """The visibility arguments of one direction, as kernel arguments (pointers with their
+    strides; a dummy where absent) and constexpr flags."""
+
+    def __init__(self, q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed):
+        dummy = q.new_empty(1, dtype=torch.int32)
+        pick = lambda t: t if t is not None else dummy
+        stride = lambda t, d: t.stride(d) if t is not None else 0
+        Lk = k.shape[2]
+        mask_lo, mask_hi = _mask_bounds(key_padding_mask, Lk) if key_padding_mask is not None else (dummy, dummy)
+        self.lengths = (pick(kv_lengths), stride(kv_lengths, 0), pick(q_lengths), stride(q_lengths, 0),
+                        pick(kv_start), stride(kv_start, 0), stride(kv_start, 1), pick(kv_end), stride(kv_end, 0), stride(kv_end, 1))
+        self.mask = (pick(key_padding_mask), stride(key_padding_mask, 0), stride(key_padding_mask, 1), mask_lo, mask_hi,
+                     seed if seed is not None else dummy)
+        self.dropout = (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+        self.flags = dict(HAS_KVLEN=kv_lengths is not None, HAS_QLEN=q_lengths is not None, HAS_START=kv_start is not None,
+                          HAS_END=kv_end is not None, HAS_MASK=key_padding_mask is not None, CAUSAL=bool(causal),
+                          DROPOUT=dropout_p > 0)
+
+    def args(self):
+        return (*self.lengths, *self.mask)
+
+
+def _common_flags(q):
     return dict(
         D=q.shape[-1],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
-        HAS_KVLEN=kv_lengths is not None,
-        HAS_MASK=key_padding_mask is not None,
-        HAS_QLEN=q_lengths is not None,
+        LSE64=q.dtype == torch.float32,
         # fp32 inputs get fp32 products, not TF32: the same numbers as every other backend.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
-def _side(q, k, kv_lengths, key_padding_mask, q_lengths):
-    """The pointers and sizes one direction's kernels share: (lengths and mask pointers, mask
-    strides, Hq, Hkv, Lq, Lk, group)."""
-    dummy = q.new_empty(1, dtype=torch.int32)
-    mask = key_padding_mask if key_padding_mask is not None else dummy
-    ptrs = (kv_lengths if kv_lengths is not None else dummy, mask, q_lengths if q_lengths is not None else dummy)
-    mask_strides = (mask.stride(0), mask.stride(1)) if key_padding_mask is not None else (0, 0)
-    Hq, Hkv = q.shape[1], k.shape[1]
-    return ptrs, mask_strides, Hq, Hkv, q.shape[2], k.shape[2], max(Hq // max(Hkv, 1), 1)
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float32 else torch.float32
 
 
-def _fwd_args(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale):
-    (kvl, mask, ql), mask_strides, Hq, _, Lq, Lk, group = _side(q, k, kv_lengths, key_padding_mask, q_lengths)
-    return (q, k, v, out, lse, kvl, mask, ql, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *mask_strides, Hq, Lq, Lk, group, scale * LOG2E)
-
-
-def _dkdv_args(q, k, v, grad_out, lse, delta, dk, dv, kv_lengths, key_padding_mask, q_lengths, scale):
-    (kvl, mask, ql), mask_strides, Hq, Hkv, Lq, Lk, group = _side(q, k, kv_lengths, key_padding_mask, q_lengths)
-    return (q, k, v, grad_out, lse, delta, dk, dv, kvl, mask, ql, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *mask_strides, Hq, Hkv, Lq, Lk, group, scale, scale * LOG2E)
-
-
-def _dq_args(q, k, v, grad_out, lse, delta, dq, kv_lengths, key_padding_mask, q_lengths, scale):
-    (kvl, mask, ql), mask_strides, Hq, _, Lq, Lk, group = _side(q, k, kv_lengths, key_padding_mask, q_lengths)
-    return (q, k, v, grad_out, lse, delta, dq, kvl, mask, ql, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *grad_out.stride()[:3], *dq.stride()[:3], *mask_strides, Hq, Lq, Lk, group, scale, scale * LOG2E)
+def _strides(*tensors):
+    return tuple(s for t in tensors for s in t.stride()[:3])
 
 
 def _delta(out, grad_out, block_d):
@@ -348,78 +530,97 @@ def _delta(out, grad_out, block_d):
     return delta
 
 
-def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, scale):
+def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
     B, Hq, Lq, D = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(math.inf)
+    lse = torch.empty(B, Hq, Lq, dtype=_lse_dtype(q), device=q.device)
+    if out.numel() == 0 or k.shape[2] == 0:
+        return out.zero_(), lse.fill_(math.inf)
+    vis = _Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](*_fwd_args(q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale),
-                      **_flags(q, kv_lengths, key_padding_mask, q_lengths))
+    _fwd_kernel[grid](q, k, v, out, lse, *_strides(q, k, v, out), *vis.args(),
+                      Hq, Lq, k.shape[2], Hq // k.shape[1], scale * LOG2E, *vis.dropout,
+                      **_common_flags(q), **vis.flags)
     return out, lse
 
 
-def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, scale):
+def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal,
+                             dropout_p, seed, scale):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    flags = _flags(q, kv_lengths, key_padding_mask, q_lengths)
-    lse = lse.float().contiguous()
+    flags = _common_flags(q)
+    lse = lse.to(_lse_dtype(q)).contiguous()
     delta = _delta(out, grad_out, flags["BLOCK_D"])
+    vis = _Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
+    group = Hq // Hkv
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
-        *_dkdv_args(q, k, v, grad_out, lse, delta, dk, dv, kv_lengths, key_padding_mask, q_lengths, scale), **flags)
+        q, k, v, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out, dk, dv), *vis.args(),
+        Hq, Hkv, Lq, Lk, group, scale, scale * LOG2E, *vis.dropout, **flags, **vis.flags)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-        *_dq_args(q, k, v, grad_out, lse, delta, dq, kv_lengths, key_padding_mask, q_lengths, scale), **flags)
+        q, k, v, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out, dq), *vis.args(),
+        Hq, Lq, Lk, group, scale, scale * LOG2E, *vis.dropout, **flags, **vis.flags)
     return dq, dk, dv
 
 
-def _co_flags(q_a, lengths_a, lengths_b):
-    """Direction a: q_a over modality b's keys (kv_lengths = lengths_b, q_lengths = lengths_a); b mirrors it."""
-    flags = _flags(q_a, None, None, None)
-    del flags["HAS_KVLEN"], flags["HAS_MASK"], flags["HAS_QLEN"]
-    return dict(flags, HAS_KVLEN_A=lengths_b is not None, HAS_QLEN_A=lengths_a is not None,
-                HAS_KVLEN_B=lengths_a is not None, HAS_QLEN_B=lengths_b is not None)
+def _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b):
+    """Direction a: q_a over modality b's keys (kv_lengths = lengths_b, q_lengths = lengths_a,
+    ranges kv_start_a/kv_end_a); b mirrors it."""
+    side_a = _Visibility(q_a, k_b, lengths_b, None, lengths_a, kv_start_a, kv_end_a, False, 0.0, None)
+    side_b = _Visibility(q_b, k_a, lengths_a, None, lengths_b, kv_start_b, kv_end_b, False, 0.0, None)
+    flags = _common_flags(q_a)
+    for suffix, side in (("_A", side_a), ("_B", side_b)):
+        for name in ("HAS_KVLEN", "HAS_QLEN", "HAS_START", "HAS_END"):
+            flags[name + suffix] = side.flags[name]
+    return side_a, side_b, flags
 
 
-def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale):
+def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
     """Both directions in one launch per stage (forward: one; backward: dK/dV and dQ, one each,
     after two small delta launches)."""
     if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:  # nothing to launch for
-        return co_attention_by_two_calls(cross_attention, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, scale)
+        return co_attention_by_two_calls(cross_attention, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b,
+                                         kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale)
     B = q_a.shape[0]
+    side_a, side_b, flags = _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
     out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
-    lse_a = torch.empty(q_a.shape[:3], dtype=torch.float32, device=q_a.device)
-    lse_b = torch.empty(q_b.shape[:3], dtype=torch.float32, device=q_b.device)
+    lse_a = torch.empty(q_a.shape[:3], dtype=_lse_dtype(q_a), device=q_a.device)
+    lse_b = torch.empty(q_b.shape[:3], dtype=_lse_dtype(q_b), device=q_b.device)
     grid = lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
                          B * (q_a.shape[1] + q_b.shape[1]))
-    _fwd_co_kernel[grid](*_fwd_args(q_a, k_b, v_b, out_a, lse_a, lengths_b, None, lengths_a, scale),
-                         *_fwd_args(q_b, k_a, v_a, out_b, lse_b, lengths_a, None, lengths_b, scale),
-                         B * q_a.shape[1], **_co_flags(q_a, lengths_a, lengths_b))
+    size = lambda q, k: (q.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
+    _fwd_co_kernel[grid](
+        q_a, k_b, v_b, out_a, lse_a, *_strides(q_a, k_b, v_b, out_a), *side_a.lengths, *size(q_a, k_b),
+        q_b, k_a, v_a, out_b, lse_b, *_strides(q_b, k_a, v_a, out_b), *side_b.lengths, *size(q_b, k_a),
+        B * q_a.shape[1], scale * LOG2E, side_a.mask[0], **flags)
     return out_a, lse_a, out_b, lse_b
 
 
-def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale):
+def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b,
+                          kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
     if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:
         return co_attention_backward_by_two_calls(cross_attention_backward, grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b,
-                                                  out_a, lse_a, out_b, lse_b, lengths_a, lengths_b, scale)
+                                                  out_a, lse_a, out_b, lse_b, lengths_a, lengths_b,
+                                                  kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale)
     B = q_a.shape[0]
-    flags = _co_flags(q_a, lengths_a, lengths_b)
-    lse_a, lse_b = lse_a.float().contiguous(), lse_b.float().contiguous()
+    side_a, side_b, flags = _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
+    lse_a, lse_b = lse_a.to(_lse_dtype(q_a)).contiguous(), lse_b.to(_lse_dtype(q_b)).contiguous()
     delta_a, delta_b = _delta(out_a, grad_a, flags["BLOCK_D"]), _delta(out_b, grad_b, flags["BLOCK_D"])
     dq_a, dk_a, dv_a = torch.empty_like(q_a), torch.empty_like(k_a), torch.empty_like(v_a)
     dq_b, dk_b, dv_b = torch.empty_like(q_b), torch.empty_like(k_b), torch.empty_like(v_b)
+    size = lambda q, k: (q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
     # direction a writes dK/dV of modality b's keys, direction b those of modality a
     _bwd_dkdv_co_kernel[lambda meta: (max(triton.cdiv(k_b.shape[2], meta["BLOCK_N"]), triton.cdiv(k_a.shape[2], meta["BLOCK_N"])),
                                       B * (k_b.shape[1] + k_a.shape[1]))](
-        *_dkdv_args(q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b, lengths_b, None, lengths_a, scale),
-        *_dkdv_args(q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a, lengths_a, None, lengths_b, scale),
-        B * k_b.shape[1], **flags)
+        q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b, *_strides(q_a, k_b, v_b, grad_a, dk_b, dv_b), *side_a.lengths, *size(q_a, k_b),
+        q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a, *_strides(q_b, k_a, v_a, grad_b, dk_a, dv_a), *side_b.lengths, *size(q_b, k_a),
+        B * k_b.shape[1], scale, scale * LOG2E, side_a.mask[0], **flags)
+    size_q = lambda q, k: (q.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
     _bwd_dq_co_kernel[lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
                                     B * (q_a.shape[1] + q_b.shape[1]))](
-        *_dq_args(q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a, lengths_b, None, lengths_a, scale),
-        *_dq_args(q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b, lengths_a, None, lengths_b, scale),
-        B * q_a.shape[1], **flags)
+        q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a, *_strides(q_a, k_b, v_b, grad_a, dq_a), *side_a.lengths, *size_q(q_a, k_b),
+        q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b, *_strides(q_b, k_a, v_a, grad_b, dq_b), *side_b.lengths, *size_q(q_b, k_a),
+        B * q_a.shape[1], scale, scale * LOG2E, side_a.mask[0], **flags)
     return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b

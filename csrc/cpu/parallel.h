@@ -1,0 +1,44 @@
+// How the CPU kernels share work among threads.
+//
+// at::parallel_for hands every thread an equal, fixed share. When another process holds one of
+// the cores, the thread that shares it runs at a fraction of its speed and the whole call waits
+// for its share. Here the threads take tasks one at a time from a shared counter, so a thread
+// that is slowed down simply takes fewer of them: one parallel region per call, no barrier per
+// task, no nested parallelism. Which thread runs a task never changes what the task computes,
+// so results stay bitwise reproducible.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace mmkernels::cpu {
+
+// Calls body(task, state) for every task in [0, n), each exactly once. make_state() builds one
+// thread's scratch (buffers) once per thread and call.
+template <typename MakeState, typename Body>
+void for_each_task(int64_t n, MakeState&& make_state, Body&& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < n;
+         task = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(task, state);
+    }
+  });
+}
+
+// Row-parallel loops in chunks of `grain` rows, scheduled as tasks.
+template <typename MakeState, typename Body>
+void for_each_chunk(int64_t rows, int64_t grain, MakeState&& make_state, Body&& body) {
+  const int64_t chunks = (rows + grain - 1) / grain;
+  for_each_task(chunks, make_state, [&](int64_t c, auto& state) {
+    body(c * grain, std::min(rows, (c + 1) * grain), state);
+  });
+}
+
+}  // namespace mmkernels::cpu

@@ -1,0 +1,114 @@
+"""Attention masks as the kernels take them.
+
+Real multimodal masks are not arbitrary: each text row sees one contiguous span of image tokens
+(Llama 3.2 Vision's image intervals, Flamingo's latest image, IDEFICS), a causal row sees a
+prefix, and padding cuts either. Such a mask is a pair of per-row key ranges, kv_start <= j <
+kv_end, which the kernels walk tile by tile, plus a key_padding_mask for keys that no row sees
+(padded tiles inside an image's slot); only masks with other holes, per-head differences or
+real biases need the (Lq, Lk) matrix.
+
+to_ranges() turns a boolean or additive mask into those ranges, or says why it can't. Deciding
+"is every row one interval" needs one device-to-host sync, so callers convert a mask once and
+reuse the result: RangeCache keeps the last few conversions, keyed on the mask tensor itself
+(its storage, shape, strides and version counter).
+"""
+import weakref
+
+import torch
+
+
+def visible_keys(mask: torch.Tensor, *, bool_true_means: str) -> torch.Tensor | None:
+    """A bool tensor, True where a key is visible, from a boolean mask (bool_true_means:
+    "visible" for transformers' masks, "hidden" for nn.MultiheadAttention's) or an additive
+    float mask (0: visible; -inf or the dtype's minimum: hidden). None for a float mask with
+    other values: a bias, which no range can express."""
+    if mask.dtype == torch.bool:
+        return mask if bool_true_means == "visible" else ~mask
+    if not mask.is_floating_point():
+        raise ValueError(f"an attention mask must be bool or float, got {mask.dtype}")
+    hidden = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((hidden | (mask == 0)).all()):
+        return None
+    return ~hidden
+
+
+def interval_ranges(visible: torch.Tensor):
+    """visible (B, H, Lq, Lk) bool, the same for every head -> ((kv_start, kv_end, key_padding_mask),
+    None) or (None, why not). Each row must see one contiguous span of keys, less keys that no row
+    of its batch sees (padding inside an image's slot, say): those become key_padding_mask (True =
+    hidden; None when no span has such a hole). Empty rows get start = end = 0."""
+    B, H, Lq, Lk = visible.shape
+    if H > 1 and not bool((visible == visible[:, :1]).all()):
+        return None, "the mask differs between heads"
+    vis = visible[:, 0]
+    count = vis.sum(-1)
+    first = vis.int().argmax(-1)
+    last = Lk - vis.flip(-1).int().argmax(-1)
+    nonempty = count > 0
+    first, last = torch.where(nonempty, first, 0), torch.where(nonempty, last, 0)
+    seen = vis.any(1)  # keys some row of the batch sees
+    prefix = torch.nn.functional.pad(seen.cumsum(-1), (1, 0))  # seen keys before j
+    in_span = prefix.gather(1, last) - prefix.gather(1, first)
+    holes, spans_ok = (count < last - first).any(), (count == in_span).all()
+    holes, spans_ok = torch.stack([holes, spans_ok]).tolist()  # the one host sync
+    if not spans_ok:
+        return None, "a row's visible keys are not one span (less keys no row sees)"
+    return (first, last, ~seen if holes else None), None
+
+
+def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str):
+    """A 2-D (Lq, Lk), 3-D (B or B*H, Lq, Lk) or 4-D (B or 1, 1 or H, Lq or 1, Lk) mask ->
+    ((kv_start, kv_end, key_padding_mask), None) for the kernels (see interval_ranges), or
+    (None, why not)."""
+    if mask.shape[-1] != kv_len or mask.shape[-2] not in (1, q_len):
+        return None, f"a mask of shape {tuple(mask.shape)} for Lq={q_len}, Lk={kv_len}"
+    visible = visible_keys(mask, bool_true_means=bool_true_means)
+    if visible is None:
+        return None, "the mask is an additive bias, not just visible/hidden"
+    if visible.dim() == 2:
+        visible = visible.view(1, 1, *visible.shape)
+    elif visible.dim() == 3:
+        if visible.shape[0] % batch and visible.shape[0] != 1:
+            return None, f"a 3-D mask's first dim must be B or B*H, got {visible.shape[0]} for B={batch}"
+        visible = visible.view(batch if visible.shape[0] % batch == 0 else 1, -1, *visible.shape[1:])
+    elif visible.dim() != 4:
+        return None, f"a {visible.dim()}-D mask"
+    if visible.shape[0] not in (1, batch):
+        return None, f"a mask for batch {visible.shape[0]}, not {batch}"
+    visible = visible.expand(visible.shape[0], visible.shape[1], q_len, kv_len)
+    ranges, why = interval_ranges(visible)
+    if ranges is None:
+        return None, why
+    start, end, hidden = ranges
+    if start.shape[0] != batch:  # one mask for the whole batch: stride-0 views, no copy
+        start, end = start.expand(batch, q_len), end.expand(batch, q_len)
+        hidden = hidden.expand(batch, kv_len) if hidden is not None else None
+    return (start, end, hidden), None
+
+
+class RangeCache:
+    """The last few to_ranges() results, keyed on the mask tensor (a new mask, or one written to
+    in place, is converted again)."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: dict = {}
+
+    @staticmethod
+    def _key(mask, batch, q_len, kv_len, bool_true_means):
+        return (mask.untyped_storage().data_ptr(), mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()),
+                mask.dtype, mask.device, mask._version, batch, q_len, kv_len, bool_true_means)
+
+    def __call__(self, mask, batch, q_len, kv_len, *, bool_true_means):
+        if torch.compiler.is_compiling():
+            # Deciding needs the mask's values, which a traced graph does not have.
+            return None, "masks are not converted to ranges inside torch.compile"
+        key = self._key(mask, batch, q_len, kv_len, bool_true_means)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is mask:
+            return hit[1]
+        result = to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means)
+        self._entries[key] = (weakref.ref(mask), result)
+        while len(self._entries) > self.size:
+            self._entries.pop(next(iter(self._entries)))
+        return result
