@@ -165,3 +165,113 @@ def co_providers(case, device, dtype, full: bool):
             out[f"two-calls-{name}"] = (lambda backend: lambda qa, ka, va, qb, kb, vb: both(
                 mmkernels.cross_attention(qa, kb, vb, backend=backend), mmkernels.cross_attention(qb, ka, va, backend=backend)))(name)
     return out
+
+
+def _images(B, Lq, Lk, device):
+    """Interleaved images: row 0 (BOS) sees nothing, the first half of the text sees image 1
+    (the first half of the keys), the second half image 2."""
+    i = torch.arange(Lq, device=device)
+    start = torch.where(i < Lq // 2, 0, Lk // 2).expand(B, Lq).contiguous()
+    end = torch.where(i < Lq // 2, Lk // 2, Lk).expand(B, Lq).contiguous()
+    start[:, 0] = end[:, 0] = 0
+    return start, end
+
+
+@dataclasses.dataclass
+class MaskedAttentionCase:
+    """The masks real models pass. mask="images": per-row key ranges (two interleaved images),
+    against SDPA given the equivalent boolean mask and FlexAttention with a cached BlockMask;
+    mask="padding": a right-padded key_padding_mask against the equal kv_lengths."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    mask: str
+    mode: str
+    memory_only: bool = False
+
+    op = "cross_attention"
+
+    @staticmethod
+    def peers(case, device, dtype, full):
+        return masked_providers(case, device, dtype, full)
+
+    @property
+    def shape(self):
+        return f"B{self.B} H{self.Hq}/{self.Hkv} Lq{self.Lq} Lk{self.Lk} D{self.D} {self.mask}"
+
+    def inputs(self, device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        make = lambda H, L: torch.randn(self.B, H, L, self.D, generator=g).to(device, dtype)
+        q, k, v = make(self.Hq, self.Lq), make(self.Hkv, self.Lk), make(self.Hkv, self.Lk)
+        if self.mask == "images":
+            start, end = _images(self.B, self.Lq, self.Lk, device)
+            j = torch.arange(self.Lk, device=device)
+            visible = (j >= start[..., None]) & (j < end[..., None])
+            given = dict(kv_start=start, kv_end=end)
+        else:
+            lengths = torch.randint(self.Lk // 4, self.Lk + 1, (self.B,), generator=g).to(device)
+            padding = torch.arange(self.Lk, device=device) >= lengths[:, None]
+            visible = (~padding).unsqueeze(1).expand(self.B, self.Lq, self.Lk)
+            given = dict(kv_lengths=lengths, key_padding_mask=padding)
+        return q, k, v, visible.unsqueeze(1), given
+
+    def differentiable(self, inputs):
+        q, k, v, visible, ranges = inputs
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return leaves, (*leaves, visible, ranges)
+
+    def flops(self, visible) -> float:
+        """Counting only the visible (query, key) pairs."""
+        fwd = 4.0 * self.Hq * self.D * float(visible.sum())
+        return fwd * (3.5 if self.mode == "fwd+bwd" else 1.0)
+
+    def lengths_label(self, visible):
+        return self.mask
+
+
+def masked_eager(q, k, v, visible, given):
+    """The composite with the boolean mask; rows that see nothing give 0."""
+    kx, vx = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    scores = ((q @ kx.transpose(-1, -2)) * q.shape[-1] ** -0.5).masked_fill(~visible, float("-inf"))
+    return torch.nan_to_num(torch.softmax(scores, -1), nan=0.0) @ vx
+
+
+def _masked_flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    cache = {}
+
+    def run(q, k, v, visible, given):
+        key = (q.shape, k.shape, visible.data_ptr())
+        if key not in cache:  # built once per mask, as a user would
+            vis = visible[:, 0]
+            cache[key] = create_block_mask(lambda b, h, qi, ki: vis[b, qi, ki], q.shape[0], None, q.shape[2], k.shape[2],
+                                           device=q.device)
+        return torch.nan_to_num(compiled(q, k, v, block_mask=cache[key], enable_gqa=q.shape[1] != k.shape[1]))
+
+    return run
+
+
+def masked_providers(case, device, dtype, full: bool):
+    out = {"eager": masked_eager}
+    problem = Problem.of("cross_attention", torch.empty(0, device=device, dtype=dtype), head_dim=case.D)
+    for name, why in reasons(problem, explicit=True).items():
+        if why is not None or name == "reference" or (name == "triton" and device.type == "cpu"):
+            continue
+        if case.mask == "images":
+            out[f"mmkernels-{name}"] = (lambda backend: lambda q, k, v, vis, given: mmkernels.cross_attention(
+                q, k, v, **given, backend=backend))(name)
+        else:  # the same padding, given as lengths and as a mask
+            for kind in ("kv_lengths", "key_padding_mask"):
+                out[f"mmkernels-{name}-{kind.split('_')[-1]}"] = (lambda backend, kind: lambda q, k, v, vis, given: mmkernels.cross_attention(
+                    q, k, v, **{kind: given[kind]}, backend=backend))(name, kind)
+    gqa = case.Hq != case.Hkv
+    out["sdpa"] = lambda q, k, v, vis, given: torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=gqa))
+    if case.mask == "images":
+        out["flex"] = _masked_flex()
+    return out

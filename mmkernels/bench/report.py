@@ -34,7 +34,9 @@ def best_mmkernels(results):
 
 def format_case(results, dtype, peaks):
     case = results[0].case
-    unit = "TFLOP/s" if case.op.endswith("attention") else "GB/s"
+    from mmkernels.bench.runner import unit as unit_of
+
+    unit = unit_of(case)
     peak = peaks[unit]
     ours = best_mmkernels(results)
     what = "peak memory (one call)" if case.memory_only else "median time"
@@ -64,11 +66,13 @@ def csv_rows(results, device, dtype, peaks):
     except ImportError:
         triton_version = ""
     base = dict(device=device_name(device), dtype=str(dtype).removeprefix("torch."), commit=_commit(), date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton_version)
+    from mmkernels.bench.runner import unit
+
     for r in results:
         yield dict(base, op=r.case.op, mode=r.case.mode, shape=r.case.shape, lengths=r.lengths, provider=r.provider,
                    time_ms=f"{r.time_ms:.4f}" if r.time_ms else "", throughput=f"{r.throughput:.3f}" if r.throughput else "",
-                   throughput_unit="TFLOP/s" if r.case.op.endswith("attention") else "GB/s",
-                   fraction_of_peak=f"{r.throughput / peaks['TFLOP/s' if r.case.op.endswith('attention') else 'GB/s']:.3f}" if r.throughput else "",
+                   throughput_unit=unit(r.case),
+                   fraction_of_peak=f"{r.throughput / peaks[unit(r.case)]:.3f}" if r.throughput else "",
                    peak_mib=f"{r.peak_mib:.1f}" if r.peak_mib is not None else "", note=r.note)
 
 

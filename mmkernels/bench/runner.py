@@ -39,12 +39,23 @@ def _call(case, provider, inputs, dtype):
     return lambda: torch.autograd.grad(provider(*args), leaves, grad)
 
 
+def unit(case) -> str:
+    """Attention-like cases count FLOPs, the fusion family bytes."""
+    return "TFLOP/s" if hasattr(case, "flops") else "GB/s"
+
+
+def providers_of(case, device, dtype, full):
+    """name -> callable(*inputs); the first is the correctness oracle. A case class may bring its
+    own peers (`peers`), else its op's."""
+    return (getattr(case, "peers", None) or PROVIDERS[case.op])(case, device, dtype, full)
+
+
 def run_case(case, device, dtype, full=False):
     inputs = case.inputs(device, dtype)
     lengths = inputs[3] if case.op == "cross_attention" else None
-    label = case.lengths_label(lengths) if case.op in ("cross_attention", "co_attention") else "-"
-    provs = PROVIDERS[case.op](case, device, dtype, full)
-    oracle = None if case.memory_only else next(iter(provs.values()))(*inputs).float()
+    label = case.lengths_label(lengths) if hasattr(case, "lengths_label") else "-"
+    provs = providers_of(case, device, dtype, full)
+    oracle = None if case.memory_only else torch.nan_to_num(next(iter(provs.values()))(*inputs).float())
     results = []
     for name, provider in provs.items():
         r = Result(case, name, lengths=label)
@@ -55,7 +66,7 @@ def run_case(case, device, dtype, full=False):
                 if out is None:
                     r.note = "n/a: does not take these inputs"
                     continue
-                err = (out.float() - oracle).abs().max().item() if out.numel() else 0.0
+                err = (torch.nan_to_num(out.float()) - oracle).abs().max().item() if out.numel() else 0.0
                 if not err <= TOLERANCE[dtype] * max(1.0, oracle.abs().max().item()):
                     r.note = f"WRONG: max error {err:.3g}"
                     continue
@@ -72,7 +83,7 @@ def run_case(case, device, dtype, full=False):
         except Exception as e:  # a peer that can't run these inputs is reported, not fatal
             r.note = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
             continue
-        if case.op in ("cross_attention", "co_attention"):
+        if unit(case) == "TFLOP/s":
             r.throughput = case.flops(lengths) / (r.time_ms * 1e-3) / 1e12
         else:
             r.throughput = case.bytes_moved(dtype) / (r.time_ms * 1e-3) / 1e9

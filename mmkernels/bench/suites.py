@@ -1,7 +1,21 @@
 """The curated sweeps: what `mmkernels bench` runs for the device it finds."""
-from mmkernels.bench.attention import AttentionCase, CoAttentionCase
+from mmkernels.bench.attention import AttentionCase, CoAttentionCase, MaskedAttentionCase
 from mmkernels.bench.family import DecisionCase, LinearCase
 from mmkernels.bench.fusion import FusionCase
+from mmkernels.bench.models import MllamaLayerCase
+
+
+def mask_cases(device_type: str):
+    """The masks real models pass (the fast-path issue's cases): two interleaved images as
+    per-row key ranges, a right-padded key_padding_mask against the equal kv_lengths, and a
+    Llama-3.2-Vision cross-attention layer at real widths."""
+    D = 64 if device_type == "cpu" else 128
+    return [
+        MaskedAttentionCase(2, 8, 2, 512, 2048, D, "images", mode="fwd"),
+        MaskedAttentionCase(2, 8, 2, 512, 2048, D, "images", mode="fwd+bwd"),
+        MaskedAttentionCase(4, 8, 8, 128, 1024, D, "padding", mode="fwd"),
+        MllamaLayerCase("real", mode="fwd"),
+    ]
 
 
 def cpu_cases(full: bool):
@@ -17,6 +31,7 @@ def cpu_cases(full: bool):
         LinearCase(3, 16384, 256, 512, mode="fwd+bwd"),
         DecisionCase(3, 16384, 1000, mode="fwd"),
         DecisionCase(3, 16384, 1000, mode="fwd+bwd"),
+        *mask_cases("cpu"),
     ]
     # Sweeps for the plots: speed-up and memory against key length.
     for Lk in (256, 512, 2048) + ((4096,) if full else ()):
@@ -47,6 +62,7 @@ def cuda_cases(full: bool):
         CoAttentionCase(2, 8, 32, 64, 64, mode="fwd"),
         CoAttentionCase(2, 8, 32, 64, 64, mode="fwd+bwd"),
         DecisionCase(3, 65536, 1000, mode="fwd"),
+        *mask_cases("cuda"),
     ]
     for Lk in (256, 1024, 2048) + ((8192,) if full else ()):
         cases.append(AttentionCase(8, 16, 512, Lk, 128, padded=True, mode="fwd"))

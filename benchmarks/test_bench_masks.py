@@ -1,0 +1,32 @@
+"""The masks real models pass, and a real model's layer: pytest benchmarks/ (add
+--benchmark-disable for a smoke run). Shapes are small here; `mmkernels bench` runs the full
+sizes (mmkernels.bench.suites.mask_cases)."""
+import pytest
+
+from common import run
+from mmkernels.bench.attention import MaskedAttentionCase
+from mmkernels.bench.models import MllamaLayerCase
+from mmkernels.bench.runner import providers_of
+
+MASK_PROVIDERS = ["mmkernels-cpu", "mmkernels-triton", "mmkernels-cuda", "mmkernels-cpu-lengths", "mmkernels-cpu-mask",
+                  "mmkernels-cuda-lengths", "mmkernels-cuda-mask", "mmkernels-triton-lengths", "mmkernels-triton-mask",
+                  "eager", "sdpa", "flex"]
+MASK_CASES = [MaskedAttentionCase(2, 8, 2, 64, 256, 64, mask, mode=mode)
+              for mask in ("images", "padding") for mode in ("fwd", "fwd+bwd")]
+
+
+@pytest.mark.parametrize("provider", MASK_PROVIDERS)
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"{c.mode}-{c.mask}")
+def test_masked_attention(benchmark, case, provider, device, dtype):
+    if provider == "flex" and device.type == "cpu" and case.mode == "fwd+bwd":
+        pytest.skip("FlexAttention has no backward on the CPU")
+    benchmark.group = f"cross_attention {case.mode} {case.shape}"
+    run(benchmark, case, provider, device, dtype, providers_of)
+
+
+@pytest.mark.parametrize("provider", ["transformers-sdpa", "mmkernels"])
+def test_mllama_cross_attention_layer(benchmark, provider, device, dtype):
+    pytest.importorskip("transformers")
+    case = MllamaLayerCase("tiny")
+    benchmark.group = f"mllama cross-attention layer {case.shape}"
+    run(benchmark, case, provider, device, dtype, providers_of)

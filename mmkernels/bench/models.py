@@ -1,0 +1,99 @@
+"""Whole layers of real models, stock against mmkernels: what a user sees after swapping."""
+import dataclasses
+import functools
+
+import torch
+
+SIZES = {
+    # Llama 3.2 11B Vision's cross-attention decoder layer; a prompt of 512 text tokens and two
+    # images of 1601 vision tokens each (one tile of the vision tower's output).
+    "real": dict(hidden=4096, heads=32, kv_heads=8, ffn=14336, text=512, image_tokens=1601),
+    "tiny": dict(hidden=64, heads=4, kv_heads=2, ffn=96, text=24, image_tokens=20),
+}
+
+
+@dataclasses.dataclass
+class MllamaLayerCase:
+    """One MllamaCrossAttentionDecoderLayer (transformers), prefill, with the mask Mllama's
+    processor builds for two interleaved images (a BOS row that sees none, then each half of
+    the text sees its image): attn_implementation "sdpa" against "mmkernels"."""
+
+    size: str
+    mode: str = "fwd"
+    memory_only: bool = False
+    B: int = 1
+
+    op = "mllama_cross_layer"
+
+    @staticmethod
+    def peers(case, device, dtype, full):
+        return mllama_providers(case, device, dtype, full)
+
+    @property
+    def shape(self):
+        s = SIZES[self.size]
+        return f"B{self.B} hidden{s['hidden']} H{s['heads']}/{s['kv_heads']} text{s['text']} images2x{s['image_tokens']}"
+
+    def inputs(self, device, dtype):
+        from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+        s = SIZES[self.size]
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(self.B, s["text"], s["hidden"], generator=g).to(device, dtype)
+        images = torch.randn(self.B, 2 * s["image_tokens"], s["hidden"], generator=g).to(device, dtype)
+        per_image = torch.zeros(self.B, s["text"], 2, 1, dtype=torch.long)
+        half = s["text"] // 2
+        per_image[:, 1:half, 0] = 1
+        per_image[:, half:, 1] = 1
+        mask, rows = _prepare_cross_attention_mask(per_image, num_vision_tokens=s["image_tokens"], dtype=dtype)
+        return hidden, images, mask.to(device), rows.to(device)
+
+    def differentiable(self, inputs):
+        hidden, images, mask, rows = inputs
+        leaves = [hidden.detach().requires_grad_(), images.detach().requires_grad_()]
+        return leaves, (*leaves, mask, rows)
+
+    def flops(self, _) -> float:
+        s = SIZES[self.size]
+        tokens, kv, d = self.B * s["text"], self.B * 2 * s["image_tokens"], s["hidden"]
+        kv_dim = d * s["kv_heads"] // s["heads"]
+        gemms = 2 * tokens * d * d * 2 + 2 * kv * d * kv_dim * 2 + 2 * tokens * d * s["ffn"] * 3
+        attention = 4 * tokens * s["image_tokens"] * d  # each text row sees one image (mmkernels' work)
+        return (gemms + attention) * (3.0 if self.mode == "fwd+bwd" else 1.0)
+
+    def lengths_label(self, _):
+        return "images"
+
+
+@functools.cache
+def _mllama_layer(size, device_type, dtype):
+    from transformers import MllamaTextConfig
+    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+    import mmkernels.integrations.transformers as mmt
+
+    mmt.register()
+    s = SIZES[size]
+    config = MllamaTextConfig(hidden_size=s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                              intermediate_size=s["ffn"], num_hidden_layers=1, cross_attention_layers=[0])
+    torch.manual_seed(0)
+    layer = MllamaCrossAttentionDecoderLayer(config, layer_idx=0).to(device_type, dtype).eval()
+    with torch.no_grad():
+        layer.cross_attn_attn_gate.fill_(0.8)
+        layer.cross_attn_mlp_gate.fill_(0.5)
+    return layer
+
+
+def mllama_providers(case, device, dtype, full: bool):
+    """The same layer (shared weights) called with each attention implementation."""
+    layer = _mllama_layer(case.size, device.type, dtype)
+
+    def run(implementation):
+        def call(hidden, images, mask, rows):
+            layer.cross_attn.config._attn_implementation = implementation
+            return layer(hidden, cross_attention_states=images, cross_attention_mask=mask, attention_mask=None,
+                         full_text_row_masked_out_mask=rows)[0]
+
+        return call
+
+    return {"transformers-sdpa": run("sdpa"), "mmkernels": run("mmkernels")}
