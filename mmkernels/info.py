@@ -21,6 +21,7 @@ def info() -> dict:
         "gpu": torch.cuda.get_device_name() if cuda_ok else None,
         "triton": importlib.import_module("triton").__version__ if triton_ok else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "cpu_threads": f"{_C.parallel_threads()} of {torch.get_num_threads()}",
         "backends_cpu": available_backends("cpu"),
     }
     if cuda_ok:

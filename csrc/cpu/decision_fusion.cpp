@@ -1,8 +1,8 @@
 // CPU decision (late) fusion: out = sum_m w_m * softmax(logits_m) ("prob") or sum_m w_m * logits_m,
-// one pass over each row; the weights arrive normalised. The backward recomputes each softmax
+// one pass over each row; the weights arrive normalised. Row blocks are taken dynamically
+// (parallel.h). The backward recomputes each softmax
 // from the logits instead of saving M probability tensors, and reduces the weight gradient over
 // fixed row blocks in order, so it does not depend on the thread count.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace mmkernels {
@@ -38,13 +39,17 @@ const acc_t* probabilities(const acc_t* x, int64_t n, bool prob, acc_t* buf) {
 at::Tensor decision_fusion_cpu(at::TensorList logits, const at::Tensor& weights, bool prob) {
   const int64_t rows = logits[0].size(0), C = logits[0].size(1), M = static_cast<int64_t>(logits.size());
   const at::ScalarType acc = acc_dtype(logits[0].scalar_type());
-  at::Tensor out = at::empty({rows, C}, logits[0].options());
+  at::Tensor out = empty_output({rows, C}, logits[0].options());
   const at::Tensor w = weights.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "decision_fusion_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* wp = w.const_data_ptr<acc_t>();
-    at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(C), p(C), sum(C);
+    struct Scratch {
+      std::vector<acc_t> row, p, sum;
+    };
+    auto make = [&] { return Scratch{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C)}; };
+    cpu::for_each_chunk(rows, kRowBlock, make, [&](int64_t begin, int64_t end, Scratch& S) {
+      auto &row = S.row, &p = S.p, &sum = S.sum;
       for (int64_t r = begin; r < end; ++r) {
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t m = 0; m < M; ++m) {
@@ -63,31 +68,35 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decision_fusion_backward_cpu(
   const at::ScalarType acc = acc_dtype(logits[0].scalar_type());
   const at::Tensor w = weights.to(acc).contiguous();
   std::vector<at::Tensor> grad_logits;
-  for (const auto& l : logits) grad_logits.push_back(at::empty({rows, C}, l.options()));
+  for (const auto& l : logits) grad_logits.push_back(empty_output({rows, C}, l.options()));
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   at::Tensor partial = at::zeros({std::max<int64_t>(blocks, 1), M}, w.options());  // per row block
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "decision_fusion_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t* wp = w.const_data_ptr<acc_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> row(C), p(C), g_buf(C), grad(C);
-      for (int64_t block = b0; block < b1; ++block) {
-        acc_t* part = partial.data_ptr<acc_t>() + block * M;
-        for (int64_t r = block * kRowBlock; r < std::min(rows, (block + 1) * kRowBlock); ++r) {
-          const acc_t* g = load_row<scalar_t, acc_t>(grad_out, r, g_buf.data());
-          for (int64_t m = 0; m < M; ++m) {
-            const acc_t* pm = probabilities(load_row<scalar_t, acc_t>(logits[m], r, row.data()), C, prob, p.data());
-            const acc_t gp = dot(g, pm, C);
-            part[m] += gp;
-            // prob: d softmax = p * (g - <g, p>); logit: the identity
-            for (int64_t i = 0; i < C; ++i) grad[i] = wp[m] * (prob ? pm[i] * (g[i] - gp) : g[i]);
-            store_row<scalar_t, acc_t>(grad.data(), grad_logits[m], r, 0, C);
-          }
+    struct Scratch {
+      std::vector<acc_t> row, p, g_buf, grad;
+    };
+    auto make = [&] { return Scratch{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C)}; };
+    cpu::for_each_task(blocks, make, [&](int64_t block, Scratch& S) {
+      acc_t* part = partial.data_ptr<acc_t>() + block * M;
+      for (int64_t r = block * kRowBlock; r < std::min(rows, (block + 1) * kRowBlock); ++r) {
+        const acc_t* g = load_row<scalar_t, acc_t>(grad_out, r, S.g_buf.data());
+        for (int64_t m = 0; m < M; ++m) {
+          const acc_t* pm = probabilities(load_row<scalar_t, acc_t>(logits[m], r, S.row.data()), C, prob, S.p.data());
+          const acc_t gp = dot(g, pm, C);
+          part[m] += gp;
+          // prob: d softmax = p * (g - <g, p>); logit: the identity
+          for (int64_t i = 0; i < C; ++i) S.grad[i] = wp[m] * (prob ? pm[i] * (g[i] - gp) : g[i]);
+          store_row<scalar_t, acc_t>(S.grad.data(), grad_logits[m], r, 0, C);
         }
       }
     });
   });
-  return {grad_logits, partial.sum(0)};
+  // The blocks' partials in order: the same sum whatever thread ran which block.
+  at::Tensor grad_weights = partial[0].clone();
+  for (int64_t b = 1; b < partial.size(0); ++b) grad_weights.add_(partial[b]);
+  return {grad_logits, grad_weights};
 }
 
 }  // namespace

@@ -93,6 +93,5 @@ def providers(case, device, dtype, full: bool):
     for name, why in reasons(problem, explicit=True).items():
         if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
             out[f"mmkernels-{name}"] = call(name)
-    if device.type == "cuda" or full:
-        out["compile"] = torch.compile(out["eager"], dynamic=False)
+    out["compile"] = torch.compile(out["eager"], dynamic=False)  # what a user would try first, on any device
     return out

@@ -53,6 +53,5 @@ def providers(case, device, dtype, full: bool):
     for name, why in reasons(problem, explicit=True).items():
         if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
             out[f"mmkernels-{name}"] = (lambda backend: lambda f, w, b: mmkernels.concat_weighted_fusion(f, w, b, backend=backend))(name)
-    if device.type == "cuda" or full:
-        out["compile"] = torch.compile(eager, dynamic=False)
+    out["compile"] = torch.compile(eager, dynamic=False)  # what a user would try first, on any device
     return out

@@ -5,9 +5,13 @@ semantics). CPU: torch.utils.benchmark's blocked_autorange median. Peak memory: 
 allocator's peak on CUDA; on CPU the rise of the process's peak resident set (VmHWM, reset
 through /proc/self/clear_refs) over the resident set before the call.
 """
+import contextlib
 import ctypes
 import functools
 import statistics
+import subprocess
+import sys
+import time
 
 import torch
 import torch.utils.benchmark as tbench
@@ -93,3 +97,16 @@ def measured_peaks(device_type: str, dtype_name: str) -> dict:
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device, min_run_time=0.3)
     return {"TFLOP/s": 2 * n**3 / (matmul_ms * 1e-3) / 1e12, "GB/s": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9}
+
+
+@contextlib.contextmanager
+def busy_core():
+    """Another process spinning on one core for the duration: a DataLoader worker, a tokenizer,
+    a second job. The CPU kernels must not fall off a cliff beside it."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
