@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -22,10 +23,15 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The saved log-sum-exp of cross_attention: float64 for float32/float64 inputs (the backward
-// recomputes the forward's probabilities from it to the last bit), float32 for half types.
-inline at::ScalarType lse_dtype(at::ScalarType t) {
-  return t == at::kDouble || t == at::kFloat ? at::kDouble : at::kFloat;
+// The softmax statistics cross_attention saves for its backward (mmkernels.backends.base.
+// stats_shape): for float32/float64 inputs the row max and log(row sum) apart, (B, Hq, Lq, 2)
+// float64; for half inputs the log-sum-exp, (B, Hq, Lq) float32.
+inline bool stats_pair(at::ScalarType t) { return t == at::kDouble || t == at::kFloat; }
+
+inline std::vector<int64_t> stats_sizes(const at::Tensor& q) {
+  std::vector<int64_t> s{q.size(0), q.size(1), q.size(2)};
+  if (stats_pair(q.scalar_type())) s.push_back(2);
+  return s;
 }
 
 // An optional int32/int64 index tensor (lengths, ranges) of the given shape on ref's device.

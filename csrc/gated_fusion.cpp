@@ -4,6 +4,7 @@
 // slices of W_z), and the blend is one elementwise pass. The backward never builds the concat.
 #include <torch/library.h>
 
+#include "checks.h"
 #include "common.h"
 
 namespace mmkernels {
@@ -17,6 +18,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_fusion_native(
     const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& weight_a, const at::Tensor& weight_b,
     const at::Tensor& weight_z, const c10::optional<at::Tensor>& bias_a, const c10::optional<at::Tensor>& bias_b,
     const c10::optional<at::Tensor>& bias_z) {
+  checks::gated(x_a, x_b, weight_a, weight_b, weight_z);
+  checks::optional_vector(bias_a, "bias_a", weight_a.size(0), x_a);
+  checks::optional_vector(bias_b, "bias_b", weight_a.size(0), x_a);
+  checks::optional_vector(bias_z, "bias_z", weight_a.size(0), x_a);
   const int64_t da = x_a.size(1);
   at::Tensor h_a = affine(x_a, weight_a, bias_a).tanh_();
   at::Tensor h_b = affine(x_b, weight_b, bias_b).tanh_();
@@ -30,6 +35,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gated_fusion_backward_native(const at::Tensor& grad_out, const at::Tensor& x_a, const at::Tensor& x_b,
                              const at::Tensor& weight_a, const at::Tensor& weight_b, const at::Tensor& weight_z,
                              const at::Tensor& h_a, const at::Tensor& h_b, const at::Tensor& z) {
+  checks::gated(x_a, x_b, weight_a, weight_b, weight_z);
+  const std::vector<int64_t> out_shape{x_a.size(0), weight_a.size(0)};
+  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, {&h_a, "h_a"}, {&h_b, "h_b"}, {&z, "z"}}) {
+    checks::exact(*t, name, out_shape, x_a, x_a.scalar_type());
+  }
   const int64_t da = x_a.size(1), db = x_b.size(1);
   const at::Tensor g_a = grad_out * z * (1 - h_a * h_a);          // through tanh of branch a
   const at::Tensor g_b = grad_out * (1 - z) * (1 - h_b * h_b);    // through tanh of branch b

@@ -6,13 +6,14 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 namespace mmkernels {
 namespace {
 
 // The order of mmkernels/ops/linear_fusion.py ACTIVATIONS.
-enum Activation : int64_t { kNone = 0, kRelu, kGelu, kSilu, kTanh, kSigmoid };
+enum Activation : int64_t { kNone = 0, kRelu, kGelu, kSilu, kTanh, kSigmoid, kActivations };
 
 at::Tensor activate(const at::Tensor& pre, int64_t activation) {
   switch (activation) {
@@ -40,9 +41,16 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, in
 
 std::tuple<at::Tensor, at::Tensor> linear_fusion_native(at::TensorList features, at::TensorList weights,
                                                         const c10::optional<at::Tensor>& bias, int64_t activation) {
+  checks::linear(features, weights, bias, activation, kActivations);
   const int64_t rows = features[0].size(0), out_dim = weights[0].size(0);
-  at::Tensor pre = bias.has_value() ? bias->expand({rows, out_dim}).contiguous()
-                                    : at::zeros({rows, out_dim}, features[0].options());
+  // A fresh buffer, never the bias itself: expand(...).contiguous() returns the bias when there
+  // is one row, and addmm_ would then write into the caller's parameter.
+  at::Tensor pre = at::empty({rows, out_dim}, features[0].options());
+  if (bias.has_value()) {
+    pre.copy_(bias->expand({rows, out_dim}));
+  } else {
+    pre.zero_();
+  }
   for (size_t m = 0; m < features.size(); ++m) pre.addmm_(features[m], weights[m].t());
   // Without an activation the output is the pre-activation; the backward does not need it.
   if (activation == kNone) return {pre, at::empty({0}, pre.options())};
@@ -52,6 +60,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fusion_native(at::TensorList features,
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> linear_fusion_backward_native(
     const at::Tensor& grad_out, at::TensorList features, at::TensorList weights, const at::Tensor& pre,
     int64_t activation) {
+  checks::linear(features, weights, c10::nullopt, activation, kActivations);
+  const int64_t rows = features[0].size(0), out_dim = weights[0].size(0);
+  checks::rows_like(grad_out, "grad_out", features[0], "features[0]", rows);
+  TORCH_CHECK(grad_out.size(1) == out_dim, "grad_out must have width N = ", out_dim, ", got ", grad_out.size(1));
+  if (activation != kNone) checks::exact(pre, "pre", {rows, out_dim}, features[0], features[0].scalar_type());
   const at::Tensor g = activation_backward(grad_out, pre, activation);
   std::vector<at::Tensor> grad_features, grad_weights;
   for (size_t m = 0; m < features.size(); ++m) {

@@ -6,9 +6,11 @@
 //   mmkernels::native_<op>(...)         the C++ kernels, registered per dispatch key (CPU, CUDA)
 //                                        so the tensor's device picks the kernel.
 //
-// cross_attention returns the log-sum-exp of each query row for the backward (float64 for
-// float32/float64 inputs, float32 for half types); it is +inf for rows that see no key and for
-// padded query rows. kv_start/kv_end are (B, Lq) per-row key ranges; seed is the int64 Philox key
+// cross_attention returns, besides out, the softmax statistics its backward recomputes the
+// probabilities from (mmkernels/backends/base.py stats_shape): for half inputs the log-sum-exp of
+// each query row, (B, Hq, Lq) float32; for float32/float64 inputs the row max and the log of the
+// row sum apart, (B, Hq, Lq, 2) float64, in the backend's own score units. A row that sees no key
+// (a padded query row too) has a max of +inf. kv_start/kv_end are (B, Lq) per-row key ranges; seed is the int64 Philox key
 // of attention dropout (used when dropout_p > 0). concat_weighted_fusion
 // works on (rows, D_m) views and returns the (rows, M) modality weights for the backward; an empty
 // `values` list means the features are the values. decision_fusion works on (rows, C) views and

@@ -32,6 +32,9 @@ def worker(rank, world, init_file, out_file):
     torch.nn.functional.cross_entropy(logits, labels[part]).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_file)
+    # Both ranks leave together: a rank tearing down gloo while the other still talks to it
+    # aborted now and then ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

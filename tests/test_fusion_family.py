@@ -120,7 +120,7 @@ def test_compile_fullgraph():
     (lambda: mmkernels.decision_fusion([]), "logits must be a non-empty list of tensors"),
     (lambda: mmkernels.decision_fusion([torch.randn(2, 3), torch.randn(2, 4)]), "logits[1] must have the shape (2, 3) of logits[0], got (2, 4)"),
     (lambda: mmkernels.decision_fusion([torch.randn(2, 3)], mode="vote"), "mode must be 'prob' or 'logit', got 'vote'"),
-    (lambda: mmkernels.decision_fusion([torch.randn(2, 3)] * 2, torch.tensor([1.0, -1.0])), "weights must be >= 0 with a positive sum, got [1.0, -1.0]"),
+    (lambda: mmkernels.decision_fusion([torch.randn(2, 3)] * 2, torch.tensor([1.0, -1.0])), "weights must be finite and >= 0 with a positive sum, got [1.0, -1.0]"),
     (lambda: mmkernels.decision_fusion([torch.randn(2, 3)] * 2, torch.ones(3)), "weights must have shape (2,), one per modality, got (3,)"),
     (lambda: mmkernels.linear_fusion([torch.randn(2, 3)], [torch.randn(4, 3)] * 2), "weights must have one tensor per feature (1), got 2"),
     (lambda: mmkernels.linear_fusion([torch.randn(2, 3), torch.randn(2, 5)], [torch.randn(4, 3), torch.randn(4, 6)]), "weights[1] must have shape (N, D_1) = (4, 5), got (4, 6)"),

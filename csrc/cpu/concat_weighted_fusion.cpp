@@ -21,6 +21,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../checks.h"
 #include "../common.h"
 #include "parallel.h"
 #include "vec.h"
@@ -136,6 +137,7 @@ void load_rows(at::TensorList ts, int64_t r, std::vector<std::vector<acc_t>>& bu
 std::tuple<at::Tensor, at::Tensor> concat_weighted_fusion_cpu(
     at::TensorList features, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     at::TensorList values, bool concat) {
+  checks::fusion(features, weight, bias, values, concat);
   const Layout L = make_layout(features, values);
   const auto& vals = values.empty() ? features : values;
   const at::ScalarType acc = acc_dtype(features[0].scalar_type());
@@ -201,6 +203,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, std::vector<at::Tens
 concat_weighted_fusion_backward_cpu(const at::Tensor& grad_out, at::TensorList features,
                                     const at::Tensor& weight, at::TensorList values,
                                     const at::Tensor& gate, bool concat) {
+  checks::fusion_backward(grad_out, features, weight, values, gate, concat);
   const Layout L = make_layout(features, values);
   const bool separate_values = !values.empty();
   const at::ScalarType acc = acc_dtype(features[0].scalar_type());

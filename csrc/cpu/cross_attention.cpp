@@ -12,9 +12,9 @@
 // Backward: one task per (batch, kv head). It owns dK/dV of its kv head and dQ of every query
 // head in its group, so there are no atomics and the result does not depend on the thread
 // count. It visits the same (query block, key tile) pairs as the forward, recomputing the
-// probabilities from the saved log-sum-exp. For float32/float64 inputs the lse is saved in
-// float64 and recomputed as exp((s - hi) - lo) with hi + lo = lse, so sharp softmaxes (learned
-// temperatures, large scores) get back the forward's probabilities to the last bit.
+// probabilities from the saved statistics as exp((s - max) - log(sum)). For float32/float64 inputs
+// the row max and log(sum) are saved apart (Stats), so sharp softmaxes (learned temperatures,
+// huge scores, ties) get back the forward's probabilities to the last bit.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -294,7 +294,35 @@ void online_softmax(T* st, int64_t n, int64_t ld, int64_t rows, T* m, T* l, T* c
   }
 }
 
-template <typename scalar_t, typename lse_t>
+// The softmax statistics of each query row (mmkernels.backends.base.stats_shape): for half inputs
+// the log-sum-exp (float); for float32/float64 the row max and the log of the row sum apart
+// (double), so that the backward's exp((s - max) - log(sum)) is the forward's probability even
+// when max + log(sum) would round the sum away.
+template <bool kPair>
+struct Stats {
+  using T = std::conditional_t<kPair, double, float>;
+  T* p;
+
+  void store(int64_t row, double max, double log_sum) const {
+    if constexpr (kPair) {
+      p[2 * row] = max;
+      p[2 * row + 1] = log_sum;
+    } else {
+      p[row] = static_cast<T>(max + log_sum);
+    }
+  }
+  void no_key(int64_t row) const { store(row, std::numeric_limits<double>::infinity(), 0); }  // P = exp(s - inf) = 0
+  void overflowed(int64_t row) const { store(row, -std::numeric_limits<double>::infinity(), 0); }
+
+  // (max, log sum) as acc_t; a row whose statistic is not finite gets log sum 0.
+  template <typename acc_t>
+  std::pair<acc_t, acc_t> load(int64_t row) const {
+    if constexpr (kPair) return {static_cast<acc_t>(p[2 * row]), static_cast<acc_t>(p[2 * row + 1])};
+    return {static_cast<acc_t>(p[row]), acc_t(0)};
+  }
+};
+
+template <typename scalar_t, bool kPair>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                     const at::Tensor& lse, const Visibility& V, const Dropout& drop, double scale) {
   using acc_t = acc_type<scalar_t>;
@@ -304,7 +332,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);  // padded head dim
   const int64_t Rp = round_up(kBlockQ, P);                                  // score tile row width
   const Rows<scalar_t> Q(q), K(k), Vv(v), O(out);
-  lse_t* lse_p = lse.data_ptr<lse_t>();
+  const Stats<kPair> stats{lse.data_ptr<typename Stats<kPair>::T>()};
   const int64_t q_blocks = (Lq + kBlockQ - 1) / kBlockQ;
 
   struct Scratch {
@@ -321,10 +349,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, Lq - i0);
     const int64_t rp = round_up(rows, P);
     const QueryBlock blk(V, b, i0, rows);
-    lse_t* lse_rows = lse_p + (b * Hq + h) * Lq + i0;
-    if (blk.last <= blk.first) {  // no row sees a key: all 0, lse +inf
+    const int64_t row0 = (b * Hq + h) * Lq + i0;
+    if (blk.last <= blk.first) {  // no row sees a key: all 0
       O.zero(b, h, i0, i0 + rows, D);
-      std::fill(lse_rows, lse_rows + rows, std::numeric_limits<lse_t>::infinity());
+      for (int64_t r = 0; r < rows; ++r) stats.no_key(row0 + r);
       return;
     }
     cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, static_cast<acc_t>(scale), S.qt.data());
@@ -364,19 +392,19 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const acc_t* o = S.o.data() + r * Dp;
       if (!S.seen[r]) {  // no visible key (or a padded query): exactly 0
         O.zero(b, h, i0 + r, i0 + r + 1, D);
-        lse_rows[r] = std::numeric_limits<lse_t>::infinity();
+        stats.no_key(row0 + r);
       } else if (S.l[r] == acc_t(0)) {  // visible keys whose scores all overflowed: not empty, NaN
         O.store(b, h, i0 + r, o, D, std::numeric_limits<acc_t>::quiet_NaN());
-        lse_rows[r] = -std::numeric_limits<lse_t>::infinity();
+        stats.overflowed(row0 + r);
       } else {
         O.store(b, h, i0 + r, o, D, acc_t(1) / S.l[r]);
-        lse_rows[r] = static_cast<lse_t>(S.m[r]) + std::log(static_cast<lse_t>(S.l[r]));
+        stats.store(row0 + r, static_cast<double>(S.m[r]), std::log(static_cast<double>(S.l[r])));
       }
     }
   });
 }
 
-template <typename scalar_t, typename lse_t>
+template <typename scalar_t, bool kPair>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq_t, const at::Tensor& dk_t,
                      const at::Tensor& dv_t, const Visibility& V, const Dropout& drop, double scale) {
@@ -388,7 +416,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);
   const int64_t Rp = round_up(kBlockQ, P);
   const Rows<scalar_t> Q(q), K(k), Vv(v), O(out), dO(grad_out), dQ(dq_t), dK(dk_t), dV(dv_t);
-  const lse_t* lse_all = lse.data_ptr<lse_t>();
+  const Stats<kPair> stats{const_cast<typename Stats<kPair>::T*>(lse.data_ptr<typename Stats<kPair>::T>())};
 
   struct Scratch {
     std::vector<acc_t> qt, dot, qrow, dorow, kbuf, vbuf, pt, dst, dq, delta, hi, lo, dk, dv;
@@ -418,12 +446,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         cpu::pack_panels(dO.row(b, h, i0), dO.sl, rows, D, Dp, acc_t(1), S.dot.data());
         cpu::pack_rows(Q.row(b, h, i0), Q.sl, rows, D, sc, S.qrow.data(), Dp);
         cpu::pack_rows(dO.row(b, h, i0), dO.sl, rows, D, acc_t(1), S.dorow.data(), Dp);
-        const lse_t* lse_rows = lse_all + (b * Hq + h) * Lq + i0;
+        const int64_t row0 = (b * Hq + h) * Lq + i0;
         for (int64_t r = 0; r < rp; ++r) {
-          // Rows that see no key (lse +inf) and padding get P = exp(s - inf) = 0.
-          const lse_t x = r < rows && blk.active(r) ? lse_rows[r] : std::numeric_limits<lse_t>::infinity();
-          S.hi[r] = static_cast<acc_t>(x);
-          S.lo[r] = std::isfinite(x) ? static_cast<acc_t>(x - static_cast<lse_t>(S.hi[r])) : acc_t(0);
+          // P = exp((s - max) - log(sum)); rows that see no key (max +inf) and padding get P = 0.
+          if (r < rows && blk.active(r)) {
+            std::tie(S.hi[r], S.lo[r]) = stats.template load<acc_t>(row0 + r);
+          } else {
+            S.hi[r] = std::numeric_limits<acc_t>::infinity();
+            S.lo[r] = 0;
+          }
           acc_t sum = 0;  // delta = rowsum(dO * O), the softmax-backward term
           if (r < rows) {
             const scalar_t* o = O.row(b, h, i0 + r);
@@ -452,13 +483,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           if (drop.on) {  // dP of the kept keys, scaled: what the softmax backward sees
             for (int64_t r = 0; r < rows; ++r) drop.apply(S.dst.data() + r, n, Rp, (b * Hq + h) * Lq + i0 + r, j0);
           }
-          for (int64_t t = 0; t < n; ++t) {  // dS^T = P^T (dP^T - delta), exactly 0 where P is
+          // dS^T = P^T (dP^T - delta), exactly 0 where P is 0 (hidden) or 1: a saturated row's
+          // softmax has no gradient, which delta - dP (two roundings of one number, by two
+          // different sums) would turn into noise times the scale.
+          for (int64_t t = 0; t < n; ++t) {
             const acc_t* p = S.pt.data() + t * Rp;
             acc_t* ds = S.dst.data() + t * Rp;
             for (int64_t r = 0; r < rp; r += VT::size()) {
               const VT pv = VT::loadu(p + r);
               const VT g = pv * (VT::loadu(ds + r) - VT::loadu(S.delta.data() + r));
-              VT::blendv(g, VT(acc_t(0)), pv == VT(acc_t(0))).store(ds + r);
+              VT::blendv(g, VT(acc_t(0)), (pv == VT(acc_t(0))) | (pv == VT(acc_t(1)))).store(ds + r);
             }
           }
           if (drop.on) {  // P as it weighted V, for dV
@@ -532,21 +566,28 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
     const c10::optional<at::Tensor>& kv_start, const c10::optional<at::Tensor>& kv_end, bool causal, double dropout_p,
     const c10::optional<at::Tensor>& seed, double scale) {
   check_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
-  const at::ScalarType lse_type = lse_dtype(q.scalar_type());
+  const bool pair = stats_pair(q.scalar_type());
   at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type));
-  if (out.numel() == 0 || k.size(2) == 0 || k.size(1) == 0) {
-    return {out.zero_(), lse.fill_(std::numeric_limits<double>::infinity())};
+  at::Tensor lse = at::empty(stats_sizes(q), q.options().dtype(pair ? at::kDouble : at::kFloat));
+  if (out.numel() == 0 || k.size(2) == 0 || k.size(1) == 0) {  // no key anywhere: 0, statistics of empty rows
+    out.zero_();
+    if (pair) {
+      lse.select(3, 0).fill_(std::numeric_limits<double>::infinity());
+      lse.select(3, 1).zero_();
+    } else {
+      lse.fill_(std::numeric_limits<double>::infinity());
+    }
+    return {out, lse};
   }
   const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
   const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
   const Visibility V = make_visibility(q, k, kv_len, q_len, start, end, key_padding_mask, causal);
   const Dropout drop = make_dropout(dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_cpu", [&] {
-    if (lse_type == at::kDouble) {
-      forward_kernel<scalar_t, double>(q, k, v, out, lse, V, drop, scale);
+    if (pair) {
+      forward_kernel<scalar_t, true>(q, k, v, out, lse, V, drop, scale);
     } else {
-      forward_kernel<scalar_t, float>(q, k, v, out, lse, V, drop, scale);
+      forward_kernel<scalar_t, false>(q, k, v, out, lse, V, drop, scale);
     }
   });
   return {out, lse};
@@ -563,22 +604,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
   check_operand(out, q, "out");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape ",
               q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
-  const at::ScalarType lse_type = lse_dtype(q.scalar_type());
-  TORCH_CHECK(lse.device() == q.device() && lse.dim() == 3 && lse.sizes() == q.sizes().slice(0, 3),
-              "lse must be the (B, Hq, Lq) log-sum-exp of the forward on q's device, got shape ", lse.sizes(), " on ",
-              lse.device());
+  const bool pair = stats_pair(q.scalar_type());
+  const at::ScalarType stats_type = pair ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.device() == q.device() && lse.sizes() == at::IntArrayRef(stats_sizes(q)) && lse.scalar_type() == stats_type,
+              "lse must be the forward's softmax statistics, ", stats_type, " of shape ", at::IntArrayRef(stats_sizes(q)),
+              " on q's device, got ", lse.scalar_type(), " of shape ", lse.sizes(), " on ", lse.device());
   at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
   const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
   const Visibility V = make_visibility(q, k, kv_len, q_len, start, end, key_padding_mask, causal);
   const Dropout drop = make_dropout(dropout_p, seed);
-  const at::Tensor lse_c = lse.to(lse_type).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_backward_cpu", [&] {
-    if (lse_type == at::kDouble) {
-      backward_kernel<scalar_t, double>(grad_out, q, k, v, out, lse_c, grad_q, grad_k, grad_v, V, drop, scale);
+    if (pair) {
+      backward_kernel<scalar_t, true>(grad_out, q, k, v, out, lse_c, grad_q, grad_k, grad_v, V, drop, scale);
     } else {
-      backward_kernel<scalar_t, float>(grad_out, q, k, v, out, lse_c, grad_q, grad_k, grad_v, V, drop, scale);
+      backward_kernel<scalar_t, false>(grad_out, q, k, v, out, lse_c, grad_q, grad_k, grad_v, V, drop, scale);
     }
   });
   return {grad_q, grad_k, grad_v};

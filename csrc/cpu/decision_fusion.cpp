@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "../common.h"
 #include "parallel.h"
 #include "vec.h"
@@ -37,6 +38,7 @@ const acc_t* probabilities(const acc_t* x, int64_t n, bool prob, acc_t* buf) {
 }
 
 at::Tensor decision_fusion_cpu(at::TensorList logits, const at::Tensor& weights, bool prob) {
+  checks::decision(logits, weights);
   const int64_t rows = logits[0].size(0), C = logits[0].size(1), M = static_cast<int64_t>(logits.size());
   const at::ScalarType acc = acc_dtype(logits[0].scalar_type());
   at::Tensor out = empty_output({rows, C}, logits[0].options());
@@ -64,6 +66,7 @@ at::Tensor decision_fusion_cpu(at::TensorList logits, const at::Tensor& weights,
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> decision_fusion_backward_cpu(
     const at::Tensor& grad_out, at::TensorList logits, const at::Tensor& weights, bool prob) {
+  checks::decision_backward(grad_out, logits, weights);
   const int64_t rows = logits[0].size(0), C = logits[0].size(1), M = static_cast<int64_t>(logits.size());
   const at::ScalarType acc = acc_dtype(logits[0].scalar_type());
   const at::Tensor w = weights.to(acc).contiguous();

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "../checks.h"
 #include "../common.h"
 #include "../fusion_weight_grad.h"
 #include "concat_weighted_fusion.cuh"
@@ -78,6 +79,7 @@ int grid_for(int64_t rows) {
 std::tuple<at::Tensor, at::Tensor> concat_weighted_fusion_cuda(
     at::TensorList features, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     at::TensorList values, bool concat) {
+  checks::fusion(features, weight, bias, values, concat);
   const c10::cuda::CUDAGuard guard(features[0].device());
   const auto& vals = values.empty() ? features : values;
   int64_t width = 0;
@@ -108,6 +110,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, std::vector<at::Tens
 concat_weighted_fusion_backward_cuda(const at::Tensor& grad_out, at::TensorList features,
                                      const at::Tensor& weight, at::TensorList values,
                                      const at::Tensor& gate, bool concat) {
+  checks::fusion_backward(grad_out, features, weight, values, gate, concat);
   const c10::cuda::CUDAGuard guard(features[0].device());
   const int64_t rows = features[0].size(0), M = static_cast<int64_t>(features.size());
   const at::Tensor w = weight.contiguous();

@@ -9,6 +9,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def stats_shape(dtype: torch.dtype, rows: tuple) -> tuple:
+    """(shape, dtype) of the softmax statistics cross_attention saves for its backward, for query
+    rows of shape `rows` (B, Hq, Lq). Half inputs: the log-sum-exp, float32. float32/float64
+    inputs: the row max and the log of the row sum, side by side in float64, never their sum:
+    an fp32 lse of ~100 is off by ~1e-5, and even in float64 max + log(sum) loses the sum when
+    the max is huge (scale=1e30), while the backward must get the forward's probabilities back
+    to the last bit for sharp softmaxes (learned temperatures). The max is in the backend's own
+    score units (base 2 on triton), so a backward must run on the forward's backend."""
+    if dtype in (torch.float32, torch.float64):
+        return (*rows, 2), torch.float64
+    return tuple(rows), torch.float32
+
+
 @dataclass(frozen=True)
 class Problem:
     """The facts about one call that decide which backends can run it."""

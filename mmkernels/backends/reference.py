@@ -4,7 +4,7 @@ import functools
 
 import torch
 
-from mmkernels.backends.base import acc_dtype, co_attention_backward_by_two_calls, co_attention_by_two_calls
+from mmkernels.backends.base import acc_dtype, co_attention_backward_by_two_calls, co_attention_by_two_calls, stats_shape
 
 
 # Philox4x32-10, the counter-based generator of attention dropout. Every backend draws the same
@@ -107,16 +107,18 @@ def attention_probabilities(q, k, kv_lengths=None, key_padding_mask=None, q_leng
     scores = (scale * q.to(acc) @ _expand_kv(k, q.shape[1]).to(acc).transpose(-1, -2)).masked_fill(~visible, float("-inf"))
     empty = ~visible.any(-1, keepdim=True)  # no visible key: 0, not NaN; a row whose scores overflow is not empty
     probs = torch.softmax(scores.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
-    lse = torch.logsumexp(scores.to(lse_dtype(q.dtype)), dim=-1).masked_fill(empty.squeeze(-1), float("inf"))
-    return probs, visible, lse
+    return probs, visible, softmax_stats(scores, empty.squeeze(-1), q.dtype)
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The saved log-sum-exp: float64 for float32 and float64 inputs, so that the backward
-    recomputes the forward's probabilities to the last bit even for sharp softmaxes (an fp32
-    lse of ~100 is off by ~1e-5, a relative error every probability would inherit); float32
-    for float16 and bfloat16, whose own rounding is far coarser."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+def softmax_stats(scores, empty, dtype):
+    """What the forward saves for the backward (see mmkernels.backends.base.stats_shape): the row
+    max and the log of the row sum (float64), or for half inputs their sum, the log-sum-exp."""
+    if stats_shape(dtype, ())[1] == torch.float32:
+        return torch.logsumexp(scores.float(), dim=-1).masked_fill(empty, float("inf"))
+    s = scores.double()
+    m = s.amax(-1).masked_fill(empty, float("inf"))
+    log_sum = torch.log(torch.exp(s - m.masked_fill(empty, 0).unsqueeze(-1)).sum(-1)).masked_fill(empty, 0)
+    return torch.stack([m, log_sum], -1)
 
 
 def _dropped(probs, q, k, dropout_p, seed):
@@ -228,13 +230,23 @@ def linear_fusion(features, weights, bias, activation):
     return (out, pre.new_empty(0)) if activation == 0 else (out, pre)
 
 
+def _activation_derivative(x, activation):
+    """d act / dx at x, written out (an op's kernel runs below autograd, so it cannot ask it)."""
+    if activation == 1:
+        return (x > 0).to(x.dtype)
+    if activation == 2:  # gelu(x) = x Phi(x)
+        return 0.5 * (1 + torch.erf(x / 2**0.5)) + x * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+    if activation == 3:  # silu(x) = x sigmoid(x)
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    if activation == 4:
+        return 1 - torch.tanh(x) ** 2
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
 def linear_fusion_backward(grad_out, features, weights, pre, activation):
-    if activation == 0:
-        g = grad_out
-    else:
-        with torch.enable_grad():
-            x = pre.detach().requires_grad_()
-            (g,) = torch.autograd.grad(_ACTIVATIONS[activation](x), x, grad_out)
+    g = grad_out if activation == 0 else grad_out * _activation_derivative(pre, activation)
     return [g @ w for w in weights], [g.T @ f for f in features], g.sum(0)
 
 

@@ -176,6 +176,22 @@ class CrossModalAttention(nn.Module):
             args["key_padding_mask"] = hidden if kpm is None else kpm | hidden
         return dict(args, kv_start=start, kv_end=end), None
 
+    def merge_masks(self, attn_mask, key_padding_mask, query):
+        """nn.MultiheadAttention.merge_masks: torch's TransformerEncoderLayer fast path (eval,
+        no grad, batch_first) calls it, then runs its own fused kernel on this layer's weights.
+        Returns (mask, mask_type): (None, None); (key_padding_mask, 1); or the attn_mask as
+        (B, H, L, L), plus the key padding, (…, 2)."""
+        if attn_mask is None:
+            return (key_padding_mask, 1) if key_padding_mask is not None else (None, None)
+        B, L, _ = query.shape
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(B, -1, L, L)
+        else:
+            merged = attn_mask.view(1, 1, L, L).expand(B, self.num_heads, L, L)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(B, 1, 1, L).expand(B, self.num_heads, 1, L)
+        return merged, 2
+
     def _attention_weights(self, q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average):
         """nn.MultiheadAttention's weights, in q's dtype computed at least in float32."""
         acc = torch.promote_types(q.dtype, torch.float32)

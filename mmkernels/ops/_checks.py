@@ -10,8 +10,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+class InvalidInput(ValueError, RuntimeError):
+    """Bad arguments to an mmkernels function or operator. Both a ValueError (what the functions
+    have always raised) and a RuntimeError (what torch operators raise, as the C++ kernels do)."""
+
+
 def fail(message: str):
-    raise ValueError(message)
+    raise InvalidInput(message)
+
+
+def is_fake(t) -> bool:
+    """A tensor without data (torch.compile's fake tensors, meta tensors): only its metadata can
+    be checked."""
+    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t))
 
 
 def check_float(name: str, t):
@@ -43,6 +54,8 @@ def check_tensor_list(name: str, tensors) -> tuple:
     if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
         fail(f"{name} must be a non-empty list of tensors, got {type(tensors).__name__} of length {len(tensors) if isinstance(tensors, (list, tuple)) else 'n/a'}")
     check_float(f"{name}[0]", tensors[0])
+    if tensors[0].dim() == 0:
+        fail(f"{name}[0] must have a last (feature) dim, (..., D), got a 0-d tensor")
     lead = tuple(tensors[0].shape[:-1])
     for i, t in enumerate(tensors):
         check_like(f"{name}[{i}]", t, f"{name}[0]", tensors[0])
@@ -81,8 +94,50 @@ def check_rows_index(name: str, t, ref_name: str, ref, batch: int, rows: int):
 def check_index_values(name: str, t, limit: int):
     """Lengths must lie in [0, limit]: checked on CPU tensors, where it is free; elsewhere the
     kernels clamp (see the module docstring)."""
-    if t is None or t.numel() == 0 or t.device.type != "cpu":
+    if t is None or t.numel() == 0 or t.device.type != "cpu" or is_fake(t):
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > limit:
         fail(f"{name} must be in [0, {limit}], got values in [{lo}, {hi}]")
+
+
+# --- the raw operators' arguments, as the routers and fakes receive them (rows already flattened):
+# the same checks the C++ kernels make (csrc/checks.h), so that a direct call of a torch.ops
+# operator raises on every backend, fake ones included, instead of reading out of bounds.
+
+
+def check_rows(name: str, t, ref_name: str = None, ref=None, rows: int = None):
+    """A 2-D (rows, width) float tensor with a contiguous last dim; like ref if given."""
+    check_float(name, t)
+    if ref is not None:
+        check_like(name, t, ref_name, ref)
+    if t.dim() != 2 or (rows is not None and t.shape[0] != rows):
+        fail(f"{name} must be 2-D (rows{'' if rows is None else f' = {rows}'}, width), got shape {tuple(t.shape)}")
+    check_last_dim_contiguous(name, t)
+
+
+def check_row_list(name: str, tensors):
+    if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
+        fail(f"{name} must be a non-empty list of tensors, got {len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__}")
+    check_rows(f"{name}[0]", tensors[0])
+    for i, t in enumerate(tensors[1:], 1):
+        check_rows(f"{name}[{i}]", t, f"{name}[0]", tensors[0], tensors[0].shape[0])
+
+
+def check_shape(name: str, t, shape: tuple, ref_name: str, ref, dtype=None):
+    """Exactly `shape`, on ref's device, with ref's dtype (or `dtype`, or any float if dtype is False)."""
+    if not isinstance(t, torch.Tensor):
+        fail(f"{name} must be a tensor of shape {shape}, got {type(t).__name__}")
+    want = ref.dtype if dtype is None else dtype
+    if tuple(t.shape) != tuple(shape) or t.device != ref.device or (want is not False and t.dtype != want) \
+            or (want is False and not t.is_floating_point()):
+        fail(f"{name} must have shape {tuple(shape)}, {ref_name}'s device ({ref.device})"
+             f"{'' if want is False else f' and dtype {want}'}, got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+
+
+def check_same_device(ref_name: str, ref, **tensors):
+    """Every given tensor on ref's device (a cpu op with a meta length would otherwise be
+    dispatched to the fake kernel and return uninitialised memory)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != ref.device:
+            fail(f"{name} must be on {ref_name}'s device ({ref.device}), got {t.device}")

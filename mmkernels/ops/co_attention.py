@@ -1,9 +1,8 @@
 """co_attention: both directions of cross-attention between two modalities (LXMERT, co-attention VQA)."""
 import torch
 
-from mmkernels.backends.base import Problem
-from mmkernels.backends.reference import lse_dtype
-from mmkernels.ops._checks import check_index_values, fail
+from mmkernels.backends.base import Problem, stats_shape
+from mmkernels.ops._checks import check_index_values, check_last_dim_contiguous, check_shape, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.cross_attention import apply_scale, check_attention_inputs
 
@@ -17,15 +16,7 @@ def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, *, lengths_a=None, lengths_b=None
     per-row key ranges (kv_start_a/kv_end_a: (B, La), which of b's tokens each of a's rows sees;
     kv_start_b/kv_end_b: (B, Lb)). The triton backend computes both directions in one launch
     per stage; the numbers are those of two cross_attention calls."""
-    check_attention_inputs(q_a, k_b, v_b, lengths_b, None, lengths_a, kv_start_a, kv_end_a,
-                           names=("q_a", "k_b", "v_b", "lengths_b", "", "lengths_a", "kv_start_a", "kv_end_a"))
-    check_attention_inputs(q_b, k_a, v_a, lengths_a, None, lengths_b, kv_start_b, kv_end_b,
-                           names=("q_b", "k_a", "v_a", "lengths_a", "", "lengths_b", "kv_start_b", "kv_end_b"))
-    if q_a.shape[-1] != q_b.shape[-1]:
-        fail(f"q_b must have q_a's head dim {q_a.shape[-1]}, got {q_b.shape[-1]}")
-    if k_a.shape[2] != q_a.shape[2] or k_b.shape[2] != q_b.shape[2]:
-        fail(f"each modality's q, k and v must have its length: got La = {q_a.shape[2]} (q_a) and {k_a.shape[2]} (k_a), "
-             f"Lb = {q_b.shape[2]} (q_b) and {k_b.shape[2]} (k_b)")
+    check_operator(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b, 1.0)
     if isinstance(scale, torch.Tensor):
         fail("scale must be a number for co_attention (a tensor scale is taken by cross_attention)")
     _, scale = apply_scale(q_a, scale)
@@ -38,13 +29,32 @@ def _problem(q_a, k_a, v_a, q_b, k_b, v_b, *rest):
     return Problem.of("co_attention", q_a, k_a, v_a, q_b, k_b, v_b, head_dim=q_a.shape[-1])
 
 
-def _check_values(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, *rest):
+def check_operator(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
+    check_attention_inputs(q_a, k_b, v_b, lengths_b, None, lengths_a, kv_start_a, kv_end_a,
+                           names=("q_a", "k_b", "v_b", "lengths_b", "", "lengths_a", "kv_start_a", "kv_end_a"))
+    check_attention_inputs(q_b, k_a, v_a, lengths_a, None, lengths_b, kv_start_b, kv_end_b,
+                           names=("q_b", "k_a", "v_a", "lengths_a", "", "lengths_b", "kv_start_b", "kv_end_b"))
+    if q_a.shape[-1] != q_b.shape[-1]:
+        fail(f"q_b must have q_a's head dim {q_a.shape[-1]}, got {q_b.shape[-1]}")
+    if k_a.shape[2] != q_a.shape[2] or k_b.shape[2] != q_b.shape[2]:
+        fail(f"each modality's q, k and v must have its length: got La = {q_a.shape[2]} (q_a) and {k_a.shape[2]} (k_a), "
+             f"Lb = {q_b.shape[2]} (q_b) and {k_b.shape[2]} (k_b)")
     check_index_values("lengths_a", lengths_a, q_a.shape[2])
     check_index_values("lengths_b", lengths_b, q_b.shape[2])
 
 
+def check_backward_operator(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, *rest):
+    check_operator(q_a, k_a, v_a, q_b, k_b, v_b, *rest)
+    for name, t, q in (("grad_a", grad_a, q_a), ("out_a", out_a, q_a), ("grad_b", grad_b, q_b), ("out_b", out_b, q_b)):
+        check_shape(name, t, tuple(q.shape), "q" + name[-2:], q)
+        check_last_dim_contiguous(name, t)
+    for name, lse, q in (("lse_a", lse_a, q_a), ("lse_b", lse_b, q_b)):
+        shape, dtype = stats_shape(q.dtype, tuple(q.shape[:3]))
+        check_shape(name, lse, shape, "q" + name[-2:], q, dtype=dtype)
+
+
 def _fake_forward(q_a, k_a, v_a, q_b, *rest):
-    lse = lambda q: q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+    lse = lambda q: q.new_empty(stats_shape(q.dtype, q.shape[:3])[0], dtype=stats_shape(q.dtype, ())[1])
     return torch.empty_like(q_a), lse(q_a), torch.empty_like(q_b), lse(q_b)
 
 
@@ -66,5 +76,6 @@ def _autograd_backward(ctx, grad_a, grad_lse_a, grad_b, grad_lse_b):
     return (*grads, *(None,) * 8)
 
 
-_op = register_op("co_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward, grads=2, native=False)
+_op = register_op("co_attention", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+                  backward=_autograd_backward, grads=2, native=False)

@@ -1,8 +1,19 @@
 """concat_weighted_fusion: the public function, the operator's router, its fake and its autograd."""
+import math
+
 import torch
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import check_bias, check_last_dim_contiguous, check_like, check_tensor_list, fail
+from mmkernels.ops._checks import (
+    check_bias,
+    check_last_dim_contiguous,
+    check_like,
+    check_row_list,
+    check_rows,
+    check_shape,
+    check_tensor_list,
+    fail,
+)
 from mmkernels.ops._register import register_op
 
 OUTPUTS = ("sum", "concat")
@@ -37,7 +48,7 @@ def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="
             if tuple(v.shape[:-1]) != lead:
                 fail(f"values[{i}] must have the leading dims {lead} of the features, got shape {tuple(v.shape)}")
     value_widths = [v.shape[-1] for v in (values or features)]
-    if output == "sum" and len(set(value_widths)) != 1:
+    if output == "sum" and any(w != value_widths[0] for w in value_widths):
         fail(f"output='sum' needs every {'values' if values else 'features'}[m] to have the same width, got {value_widths}; use output='concat'")
 
     rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
@@ -49,10 +60,33 @@ def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="
 def _as_rows(name, t):
     check_last_dim_contiguous(name, t)
     try:
-        return t.view(-1, t.shape[-1])
+        return t.view(math.prod(t.shape[:-1]), t.shape[-1])  # (not -1: a width of 0 leaves the rows undetermined)
     except RuntimeError:
         fail(f"{name} must be viewable as (rows, {t.shape[-1]}) without a copy, got shape "
              f"{tuple(t.shape)} with strides {tuple(t.stride())}; call .contiguous() on it first")
+
+
+def check_operator(features, weight, bias, values, concat):
+    """The operator's arguments: (rows, D_m) features, weight (M, sum D_m), bias (M,), values."""
+    check_row_list("features", features)
+    M, rows = len(features), features[0].shape[0]
+    check_shape("weight", weight, (M, sum(f.shape[1] for f in features)), "features[0]", features[0])
+    check_bias("bias", bias, M, "features[0]", features[0])
+    if values and len(values) != M:
+        fail(f"values must be empty or hold one tensor per feature ({M}), got {len(values)}")
+    for i, v in enumerate(values or []):
+        check_rows(f"values[{i}]", v, "features[0]", features[0], rows)
+    widths = [v.shape[1] for v in (values or features)]
+    if not concat and any(w != widths[0] for w in widths):
+        fail(f"output='sum' needs every value of the same width, got {widths}")
+
+
+def check_backward_operator(grad_out, features, weight, values, gate, concat):
+    check_operator(features, weight, None, values, concat)
+    widths = [v.shape[1] for v in (values or features)]
+    check_shape("grad_out", grad_out, (features[0].shape[0], sum(widths) if concat else widths[0]), "features[0]", features[0])
+    check_last_dim_contiguous("grad_out", grad_out)
+    check_shape("gate", gate, (features[0].shape[0], len(features)), "features[0]", features[0], dtype=False)
 
 
 def _problem(features, *rest):
@@ -92,5 +126,5 @@ def _autograd_backward(ctx, grad_out, grad_gate):
     return grad_features, grad_weight, grad_bias if ctx.has_bias else None, grad_values, None, None
 
 
-_op = register_op("concat_weighted_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward)
+_op = register_op("concat_weighted_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)

@@ -4,8 +4,7 @@ import numbers
 
 import torch
 
-from mmkernels.backends.base import Problem
-from mmkernels.backends.reference import lse_dtype
+from mmkernels.backends.base import Problem, stats_shape
 from mmkernels.ops._checks import (
     check_float,
     check_index,
@@ -13,6 +12,7 @@ from mmkernels.ops._checks import (
     check_last_dim_contiguous,
     check_like,
     check_rows_index,
+    check_shape,
     fail,
 )
 from mmkernels.ops._register import register_op
@@ -123,13 +123,30 @@ def _problem(q, k, v, *rest):
     return Problem.of("cross_attention", q, k, v, head_dim=q.shape[-1])
 
 
-def _check_values(q, k, v, kv_lengths, key_padding_mask, q_lengths, *rest):
+def check_operator(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
+    """The operator's arguments (a direct torch.ops call included)."""
+    check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end)
+    check_dropout(dropout_p)
+    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() >= 1
+                              and seed.device == q.device):
+        fail(f"seed must be an int64 tensor with one element on q's device ({q.device}) when dropout_p > 0, got "
+             f"{seed.dtype if isinstance(seed, torch.Tensor) else type(seed).__name__}")
     check_index_values("kv_lengths", kv_lengths, k.shape[2])
     check_index_values("q_lengths", q_lengths, q.shape[2])
 
 
+def check_backward_operator(grad_out, q, k, v, out, lse, *visibility):
+    check_operator(q, k, v, *visibility)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        check_shape(name, t, tuple(q.shape), "q", q)
+        check_last_dim_contiguous(name, t)
+    shape, dtype = stats_shape(q.dtype, tuple(q.shape[:3]))
+    check_shape("lse", lse, shape, "q", q, dtype=dtype)
+
+
 def _fake_forward(q, k, v, *rest):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+    shape, dtype = stats_shape(q.dtype, q.shape[:3])
+    return torch.empty_like(q), q.new_empty(shape, dtype=dtype)
 
 
 def _fake_backward(grad_out, q, k, v, *rest):
@@ -154,5 +171,5 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, *(None,) * 10
 
 
-_op = register_op("cross_attention", problem=_problem, check=_check_values, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward)
+_op = register_op("cross_attention", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import check_tensor_list, fail
+from mmkernels.ops._checks import check_last_dim_contiguous, check_row_list, check_shape, check_tensor_list, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -18,8 +18,6 @@ def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
     """
     check_tensor_list("logits", logits)
     shape = tuple(logits[0].shape)
-    if len(shape) == 0:
-        fail("logits[0] must have a class dim (..., C), got a scalar")
     for i, t in enumerate(logits):
         if tuple(t.shape) != shape:
             fail(f"logits[{i}] must have the shape {shape} of logits[0], got {tuple(t.shape)}")
@@ -34,12 +32,32 @@ def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
             fail(f"weights must be a float tensor on the logits' device ({logits[0].device}), got {got}")
         if tuple(weights.shape) != (M,):
             fail(f"weights must have shape ({M},), one per modality, got {tuple(weights.shape)}")
-        if not torch.compiler.is_compiling() and (bool((weights < 0).any()) or not bool(weights.sum() > 0)):
-            fail(f"weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        valid = (weights >= 0).all() & (weights.sum() > 0) & torch.isfinite(weights).all()
+        if torch.compiler.is_compiling():  # no host value while tracing: a runtime assert in the graph
+            torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
+        elif weights.device.type == "cpu" and not bool(valid):  # free on the cpu; a device-side assert elsewhere
+            fail(f"weights must be finite and >= 0 with a positive sum, got {weights.tolist()}")
+        elif weights.device.type != "cpu":
+            torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
         w = weights.to(acc) / weights.to(acc).sum()
     rows = [_as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
     out = _op(rows, w, mode == "prob", backend=backend)
     return out.view(shape)
+
+
+def check_operator(logits, weights, prob):
+    """The operator's arguments: M (rows, C) logits and M normalised weights."""
+    check_row_list("logits", logits)
+    for i, t in enumerate(logits):
+        if t.shape != logits[0].shape:
+            fail(f"logits[{i}] must have the shape {tuple(logits[0].shape)} of logits[0], got {tuple(t.shape)}")
+    check_shape("weights", weights, (len(logits),), "logits[0]", logits[0], dtype=False)
+
+
+def check_backward_operator(grad_out, logits, weights, prob):
+    check_operator(logits, weights, prob)
+    check_shape("grad_out", grad_out, tuple(logits[0].shape), "logits[0]", logits[0])
+    check_last_dim_contiguous("grad_out", grad_out)
 
 
 def _problem(logits, *rest):
@@ -68,5 +86,5 @@ def _autograd_backward(ctx, grad_out):
     return grad_logits, grad_weights, None, None
 
 
-_op = register_op("decision_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward)
+_op = register_op("decision_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)

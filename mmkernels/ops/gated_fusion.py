@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_bias, check_float, check_like, fail
+from mmkernels.ops._checks import check_bias, check_float, check_last_dim_contiguous, check_like, check_rows, check_shape, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -28,6 +28,26 @@ def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a=None, bias_b=Non
     lead = tuple(x_a.shape[:-1])
     out, *_ = _op(_as_rows("x_a", x_a), _as_rows("x_b", x_b), weight_a, weight_b, weight_z, bias_a, bias_b, bias_z, backend=backend)
     return out.view(*lead, N)
+
+
+def check_operator(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z):
+    """The operator's arguments: (rows, Da), (rows, Db), their (N, .) weights and (N,) biases."""
+    check_rows("x_a", x_a)
+    check_rows("x_b", x_b, "x_a", x_a, x_a.shape[0])
+    N = weight_a.shape[0] if isinstance(weight_a, torch.Tensor) and weight_a.dim() == 2 else -1
+    Da, Db = x_a.shape[1], x_b.shape[1]
+    for name, w, cols in (("weight_a", weight_a, Da), ("weight_b", weight_b, Db), ("weight_z", weight_z, Da + Db)):
+        check_shape(name, w, (N, cols), "x_a", x_a)
+    for name, b in (("bias_a", bias_a), ("bias_b", bias_b), ("bias_z", bias_z)):
+        check_bias(name, b, N, "x_a", x_a)
+
+
+def check_backward_operator(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z):
+    check_operator(x_a, x_b, weight_a, weight_b, weight_z, None, None, None)
+    shape = (x_a.shape[0], weight_a.shape[0])
+    for name, t in (("grad_out", grad_out), ("h_a", h_a), ("h_b", h_b), ("z", z)):
+        check_shape(name, t, shape, "x_a", x_a)
+    check_last_dim_contiguous("grad_out", grad_out)
 
 
 def _problem(x_a, *rest):
@@ -59,5 +79,5 @@ def _autograd_backward(ctx, grad_out, *unused):
     return (*grads[:5], *biases, None)
 
 
-_op = register_op("gated_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward)
+_op = register_op("gated_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)

@@ -2,7 +2,7 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_bias, check_float, check_like, fail
+from mmkernels.ops._checks import check_bias, check_float, check_last_dim_contiguous, check_like, check_rows, check_shape, fail
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -28,9 +28,26 @@ def gated_residual_linear(x, h, weight, bias=None, gate=None, row_mask=None, *, 
     if row_mask is not None:
         if not isinstance(row_mask, torch.Tensor) or tuple(row_mask.shape) != lead or row_mask.device != x.device:
             fail(f"row_mask must have shape {lead} on x's device, got {tuple(row_mask.shape) if isinstance(row_mask, torch.Tensor) else row_mask!r}")
-        mask = row_mask.reshape(-1).to(x.dtype)  # (rows,): tiny next to x
+        mask = row_mask.reshape(-1).to(x.dtype)  # (rows,): tiny next to x; a float mask keeps its gradient
     out, _ = _op(_as_rows("x", x), _as_rows("h", h), weight, bias, gate.to(x.dtype), mask, backend=backend)
     return out.view(x.shape)
+
+
+def check_operator(x, h, weight, bias, gate, row_mask):
+    """The operator's arguments: x (rows, N), h (rows, K), weight (N, K), bias (N,), gate (1,), row_mask (rows,)."""
+    check_rows("x", x)
+    check_rows("h", h, "x", x, x.shape[0])
+    check_shape("weight", weight, (x.shape[1], h.shape[1]), "x", x)
+    check_bias("bias", bias, x.shape[1], "x", x)
+    check_shape("gate", gate, (1,), "x", x)
+    if row_mask is not None:
+        check_shape("row_mask", row_mask, (x.shape[0],), "x", x)
+
+
+def check_backward_operator(grad_out, h, weight, gate, row_mask, proj):
+    check_operator(grad_out, h, weight, None, gate, row_mask)
+    check_shape("proj", proj, tuple(grad_out.shape), "grad_out", grad_out)
+    check_last_dim_contiguous("grad_out", grad_out)
 
 
 def _problem(x, *rest):
@@ -55,8 +72,12 @@ def _autograd_backward(ctx, grad_out, grad_proj):
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     gx, gh, gw, gb, gg = torch.ops.mmkernels.gated_residual_linear_backward(grad_out, *ctx.saved_tensors, ctx.backend)
-    return gx, gh, gw, gb if ctx.has_bias else None, gg, None, None
+    grad_mask = None
+    if ctx.needs_input_grad[5]:  # a float row_mask that is learned: d out / d mask_r = tanh(gate) <dout_r, proj_r>
+        _, _, gate, row_mask, proj = ctx.saved_tensors
+        grad_mask = (torch.tanh(gate) * (grad_out * proj).sum(-1)).to(row_mask.dtype)
+    return gx, gh, gw, gb if ctx.has_bias else None, gg, grad_mask, None
 
 
-_op = register_op("gated_residual_linear", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward)
+_op = register_op("gated_residual_linear", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)

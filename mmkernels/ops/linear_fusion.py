@@ -2,7 +2,15 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_bias, check_like, check_tensor_list, fail
+from mmkernels.ops._checks import (
+    check_bias,
+    check_last_dim_contiguous,
+    check_like,
+    check_row_list,
+    check_shape,
+    check_tensor_list,
+    fail,
+)
 from mmkernels.ops._register import register_op
 from mmkernels.ops.concat_weighted_fusion import _as_rows
 
@@ -30,6 +38,29 @@ def linear_fusion(features, weights, bias=None, *, activation=None, backend=None
     rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
     out, _ = _op(rows, list(weights), bias, ACTIVATIONS.index(activation), backend=backend)
     return out.view(*lead, N)
+
+
+def check_operator(features, weights, bias, activation):
+    """The operator's arguments: M (rows, D_m) features, M (N, D_m) weights, bias (N,), an
+    index into ACTIVATIONS."""
+    check_row_list("features", features)
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(features):
+        fail(f"weights must hold one tensor per feature ({len(features)}), got {len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__}")
+    N = weights[0].shape[0] if isinstance(weights[0], torch.Tensor) and weights[0].dim() == 2 else -1
+    for i, (f, w) in enumerate(zip(features, weights)):
+        check_shape(f"weights[{i}]", w, (N, f.shape[1]), "features[0]", features[0])
+    check_bias("bias", bias, N, "features[0]", features[0])
+    if not 0 <= activation < len(ACTIVATIONS):
+        fail(f"activation must be an index in [0, {len(ACTIVATIONS)}), got {activation}")
+
+
+def check_backward_operator(grad_out, features, weights, pre, activation):
+    check_operator(features, weights, None, activation)
+    shape = (features[0].shape[0], weights[0].shape[0])
+    check_shape("grad_out", grad_out, shape, "features[0]", features[0])
+    check_last_dim_contiguous("grad_out", grad_out)
+    if activation != 0:
+        check_shape("pre", pre, shape, "features[0]", features[0])
 
 
 def _problem(features, *rest):
@@ -63,5 +94,5 @@ def _autograd_backward(ctx, grad_out, grad_pre):
     return grad_features, grad_weights, grad_bias if ctx.has_bias else None, None, None
 
 
-_op = register_op("linear_fusion", problem=_problem, fake=_fake_forward, backward_fake=_fake_backward,
-            setup_context=_setup_context, backward=_autograd_backward)
+_op = register_op("linear_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
+                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)

@@ -60,9 +60,10 @@ __global__ void delta_kernel(const Params p) {
   if (lane == 0) p.delta[row.index] = acc;
 }
 
-// dS = P (dP - delta), exactly 0 where P is.
+// dS = P (dP - delta), exactly 0 where P is 0 (a hidden key) or 1 (a saturated row has no
+// gradient; delta - dP, one number rounded by two different sums, would be noise times the scale).
 __device__ __forceinline__ float softmax_grad(float prob, float dprob, float delta) {
-  return prob == 0.f ? 0.f : prob * (dprob - delta);
+  return prob == 0.f || prob == 1.f ? 0.f : prob * (dprob - delta);
 }
 
 template <typename T, int D>

@@ -4,8 +4,9 @@ Forward: a program per (block of BLOCK_M queries, batch x query head). It comput
 key range (kv_start/kv_end, kv_lengths, causal, and the first/last key the key_padding_mask
 leaves) and streams only the K/V tiles that meet their union, with an online softmax in base 2
 (exp2) and fp32; a tile that no row sees, or that the mask hides whole, is skipped before it is
-loaded. It saves the natural-log log-sum-exp (+inf for rows that see no key), in float64 for
-float32 inputs so that the backward recomputes the forward's probabilities exactly.
+loaded. It saves the softmax statistics (mmkernels.backends.base.stats_shape): for float32 inputs the
+row max and log2 of the row sum apart in float64, so that the backward recomputes the forward's
+probabilities exactly; for half inputs the natural log-sum-exp (+inf for rows with no key).
 Backward: a preprocess computes delta = rowsum(dO * O); a dK/dV kernel runs per (key block,
 batch x kv head) and loops over the query heads of its group (GQA without copies) and the query
 blocks whose rows see its keys; a dQ kernel runs per (query block, batch x query head) over the
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkernels.backends.base import co_attention_backward_by_two_calls, co_attention_by_two_calls
+from mmkernels.backends.base import co_attention_backward_by_two_calls, co_attention_by_two_calls, stats_shape
 from mmkernels.backends.reference import dropout_threshold
 from mmkernels.backends.triton.config import INTERPRET, attention_configs
 
@@ -91,21 +92,17 @@ def _finite(x):
 
 
 @triton.jit
-def _lse_base2(Lse, offsets, mask, LSE64: tl.constexpr):
-    """(hi, lo) with hi + lo = lse * log2(e): the base-2 log-sum-exp, split so that exp2((s - hi) - lo)
-    reproduces the forward's probabilities; +inf (no key) gives hi = inf, lo = 0, so P = 0."""
-    lse = tl.load(Lse + offsets, mask=mask, other=float("inf"))
-    if LSE64:
-        lse2 = lse * 1.4426950408889634
-        finite = _finite(lse2)
-        lse2_finite = tl.where(finite, lse2, 0.0)
-        hi = lse2_finite.to(tl.float32)
-        lo = (lse2_finite - hi.to(tl.float64)).to(tl.float32)
-        hi = tl.where(finite, hi, lse2.to(tl.float32))  # +-inf and NaN stay, with lo = 0
+def _stats_base2(Lse, rows, mask, PAIR: tl.constexpr):
+    """(max, log2 sum) of the given query rows in base-2 score units, so that exp2((s - max) - log2 sum)
+    is the forward's probability. PAIR (float32 inputs): the forward saved both apart, in float64;
+    else the natural log-sum-exp. Rows not in `mask` (and rows with no key: max +inf) get P = 0."""
+    if PAIR:
+        m = tl.load(Lse + 2 * rows, mask=mask, other=float("inf")).to(tl.float32)
+        log_sum = tl.load(Lse + 2 * rows + 1, mask=mask, other=0.0).to(tl.float32)
     else:
-        hi = lse * 1.4426950408889634
-        lo = tl.zeros(hi.shape, tl.float32)
-    return hi, lo
+        m = tl.load(Lse + rows, mask=mask, other=float("inf")) * 1.4426950408889634
+        log_sum = tl.zeros(m.shape, tl.float32)
+    return m, log_sum
 
 
 @triton.jit
@@ -115,7 +112,7 @@ def _fwd_program(
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
     Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = pid_bh // Hq
@@ -166,14 +163,15 @@ def _fwd_program(
     overflow = (l_i == 0.0) & ~empty  # visible keys whose scores all overflowed: NaN, not a silent 0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None])
     out = tl.where(overflow[:, None] | (poisoned > 0), float("nan"), out)
-    if LSE64:
-        lse = (m_i.to(tl.float64) + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i).to(tl.float64))) * 0.6931471805599453
-    else:
-        lse = (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * LN2
-    lse = tl.where(empty, float("inf"), tl.where(overflow, float("-inf"), lse))
+    log2_sum = tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
+    m_i = tl.where(empty, float("inf"), tl.where(overflow, float("-inf"), m_i))  # no key: P = 0 in the backward
     tl.store(Out + b64 * sob + h64 * soh + rows[:, None].to(tl.int64) * sol + dims[None, :],
              out.to(Out.dtype.element_ty), mask=in_q[:, None] & (dims[None, :] < D))
-    tl.store(Lse + row0 + rows, lse, mask=in_q)
+    if PAIR:  # the max and the log of the sum apart (mmkernels.backends.base.stats_shape), base 2
+        tl.store(Lse + 2 * (row0 + rows), m_i.to(tl.float64), mask=in_q)
+        tl.store(Lse + 2 * (row0 + rows) + 1, tl.where(empty | overflow, 0.0, log2_sum).to(tl.float64), mask=in_q)
+    else:
+        tl.store(Lse + row0 + rows, tl.where(empty | overflow, m_i, (m_i + log2_sum) * LN2), mask=in_q)
 
 
 @triton.jit
@@ -199,7 +197,7 @@ def _bwd_dkdv_program(
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
     Hq, Hkv, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = pid_bh // Hkv
@@ -230,7 +228,7 @@ def _bwd_dkdv_program(
                 q_mask = in_q[:, None] & (dims[None, :] < D)
                 q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :], mask=q_mask, other=0.0)
                 do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None].to(tl.int64) * sdl + dims[None, :], mask=q_mask, other=0.0)
-                lse_hi, lse_lo = _lse_base2(Lse, row0 + rows, active, LSE64)
+                lse_hi, lse_lo = _stats_base2(Lse, row0 + rows, active, PAIR)
                 delta = tl.load(Delta + row0 + rows, mask=active, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
                 p = tl.where(vis, tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None]), 0.0)
@@ -245,7 +243,7 @@ def _bwd_dkdv_program(
                 if tl.min(do_ok.to(tl.int32)) == 0:
                     hits = tl.dot(tl.trans(vis.to(tl.float32)), (do_ok == 0).to(tl.float32), input_precision="ieee")
                     poisoned = tl.maximum(poisoned, (hits > 0).to(tl.int32))
-                ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+                ds = tl.where(vis & (p != 1.0), p * (dp - delta[:, None]), 0.0)  # a saturated row (P = 1) has none
                 dk += tl.dot(tl.trans(ds).to(q.dtype), tl.where(_finite(q), q, 0.0), input_precision=PRECISION)
     dv = tl.where(poisoned > 0, float("nan"), dv)
     in_range = (cols[:, None] < Lk) & (dims[None, :] < D)
@@ -260,7 +258,7 @@ def _bwd_dq_program(
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
     Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = pid_bh // Hq
@@ -277,7 +275,7 @@ def _bwd_dq_program(
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None].to(tl.int64) * sql + dims[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None].to(tl.int64) * sdl + dims[None, :], mask=q_mask, other=0.0)
     row0 = (b64 * Hq + h64) * Lq
-    lse_hi, lse_lo = _lse_base2(Lse, row0 + rows, active, LSE64)
+    lse_hi, lse_lo = _stats_base2(Lse, row0 + rows, active, PAIR)
     delta = tl.load(Delta + row0 + rows, mask=active, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(first, last, BLOCK_N):
@@ -292,7 +290,7 @@ def _bwd_dq_program(
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if DROPOUT:
                 dp = tl.where(_keep(Seed, row0, rows, cols, threshold), dp * keep_scale, 0.0)
-            ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+            ds = tl.where(vis & (p != 1.0), p * (dp - delta[:, None]), 0.0)
             dq += tl.dot(ds.to(kt.dtype), tl.trans(tl.where(_finite(kt), kt, 0.0)), input_precision=PRECISION)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows[:, None].to(tl.int64) * sdql + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=q_mask)
@@ -308,7 +306,7 @@ def _fwd_kernel(
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
     Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _fwd_program(
@@ -316,7 +314,7 @@ def _fwd_kernel(
         Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
         KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
         Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
-        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, PAIR, PRECISION, BLOCK_M, BLOCK_N,
     )
 
 
@@ -328,7 +326,7 @@ def _bwd_dkdv_kernel(
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
     Hq, Hkv, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _bwd_dkdv_program(
@@ -337,7 +335,7 @@ def _bwd_dkdv_kernel(
         sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
         KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
         Hq, Hkv, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
-        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, PAIR, PRECISION, BLOCK_M, BLOCK_N,
     )
 
 
@@ -348,7 +346,7 @@ def _bwd_dq_kernel(
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
     Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, LSE64: tl.constexpr,
+    HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _bwd_dq_program(
@@ -356,7 +354,7 @@ def _bwd_dq_kernel(
         Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
         KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
         Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
-        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+        D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, PAIR, PRECISION, BLOCK_M, BLOCK_N,
     )
 
 
@@ -374,7 +372,7 @@ def _fwd_co_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
     HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
-    LSE64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     if pid_bh < BH_A:
@@ -383,7 +381,7 @@ def _fwd_co_kernel(
             Q_a, K_a, V_a, Out_a, Lse_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a,
             KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
             Hq_a, Lq_a, Lk_a, group_a, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
         )
     else:
         _fwd_program(
@@ -391,7 +389,7 @@ def _fwd_co_kernel(
             Q_b, K_b, V_b, Out_b, Lse_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b,
             KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
             Hq_b, Lq_b, Lk_b, group_b, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
         )
 
 
@@ -408,7 +406,7 @@ def _bwd_dkdv_co_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
     HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
-    LSE64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     if pid_bh < BH_A:
@@ -418,7 +416,7 @@ def _bwd_dkdv_co_kernel(
             sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a,
             KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
             Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
         )
     else:
         _bwd_dkdv_program(
@@ -427,7 +425,7 @@ def _bwd_dkdv_co_kernel(
             sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b,
             KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
             Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
         )
 
 
@@ -444,7 +442,7 @@ def _bwd_dq_co_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
     HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
-    LSE64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     if pid_bh < BH_A:
@@ -454,7 +452,7 @@ def _bwd_dq_co_kernel(
             sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a,
             KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
             Hq_a, Lq_a, Lk_a, group_a, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
         )
     else:
         _bwd_dq_program(
@@ -463,7 +461,7 @@ def _bwd_dq_co_kernel(
             sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b,
             KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
             Hq_b, Lq_b, Lk_b, group_b, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, LSE64, PRECISION, BLOCK_M, BLOCK_N,
+            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
         )
 
 
@@ -506,14 +504,23 @@ def _common_flags(q):
     return dict(
         D=q.shape[-1],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
-        LSE64=q.dtype == torch.float32,
+        PAIR=q.dtype == torch.float32,
         # fp32 inputs get fp32 products, not TF32: the same numbers as every other backend.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
-def _lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float32 else torch.float32
+def _stats(q):
+    shape, dtype = stats_shape(q.dtype, q.shape[:3])
+    return torch.empty(shape, dtype=dtype, device=q.device)
+
+
+def _no_key(stats):
+    """The statistics of rows that see no key: max +inf (and log sum 0)."""
+    if stats.dim() == 4:
+        stats[..., 0], stats[..., 1] = math.inf, 0.0
+        return stats
+    return stats.fill_(math.inf)
 
 
 def _strides(*tensors):
@@ -533,9 +540,9 @@ def _delta(out, grad_out, block_d):
 def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
     B, Hq, Lq, D = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, Lq, dtype=_lse_dtype(q), device=q.device)
+    lse = _stats(q)
     if out.numel() == 0 or k.shape[2] == 0:
-        return out.zero_(), lse.fill_(math.inf)
+        return out.zero_(), _no_key(lse)
     vis = _Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
     _fwd_kernel[grid](q, k, v, out, lse, *_strides(q, k, v, out), *vis.args(),
@@ -552,7 +559,7 @@ def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_paddin
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     flags = _common_flags(q)
-    lse = lse.to(_lse_dtype(q)).contiguous()
+    lse = lse.contiguous()
     delta = _delta(out, grad_out, flags["BLOCK_D"])
     vis = _Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     group = Hq // Hkv
@@ -586,8 +593,7 @@ def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a,
     B = q_a.shape[0]
     side_a, side_b, flags = _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
     out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
-    lse_a = torch.empty(q_a.shape[:3], dtype=_lse_dtype(q_a), device=q_a.device)
-    lse_b = torch.empty(q_b.shape[:3], dtype=_lse_dtype(q_b), device=q_b.device)
+    lse_a, lse_b = _stats(q_a), _stats(q_b)
     grid = lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
                          B * (q_a.shape[1] + q_b.shape[1]))
     size = lambda q, k: (q.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
@@ -606,7 +612,7 @@ def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, l
                                                   kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale)
     B = q_a.shape[0]
     side_a, side_b, flags = _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
-    lse_a, lse_b = lse_a.to(_lse_dtype(q_a)).contiguous(), lse_b.to(_lse_dtype(q_b)).contiguous()
+    lse_a, lse_b = lse_a.contiguous(), lse_b.contiguous()
     delta_a, delta_b = _delta(out_a, grad_a, flags["BLOCK_D"]), _delta(out_b, grad_b, flags["BLOCK_D"])
     dq_a, dk_a, dv_a = torch.empty_like(q_a), torch.empty_like(k_a), torch.empty_like(v_a)
     dq_b, dk_b, dv_b = torch.empty_like(q_b), torch.empty_like(k_b), torch.empty_like(v_b)

@@ -30,6 +30,10 @@ def _kernel(X, H, W, Bias, TanhGate, RowMask, Out, Proj, rows, N, K, sx, sh, sw,
 
 
 def gated_residual_linear(x, h, weight, bias, gate, row_mask):
+    # The kernel reads weight rows, the bias and the row mask as contiguous: make them so.
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    row_mask = row_mask.contiguous() if row_mask is not None else None
     rows, N = x.shape
     out, proj = torch.empty_like(x), x.new_empty(rows, N)
     if rows == 0 or N == 0:

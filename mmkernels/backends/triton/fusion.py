@@ -169,6 +169,8 @@ def _padded(tensors):
 
 
 def concat_weighted_fusion(features, weight, bias, values, concat):
+    # The kernels take a row stride for rows, and read the small weight and bias as contiguous.
+    weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
     vals = values or features
     rows, M = features[0].shape[0], len(features)
     width = sum(v.shape[1] for v in vals) if concat else vals[0].shape[1]
@@ -187,6 +189,7 @@ def concat_weighted_fusion(features, weight, bias, values, concat):
 
 
 def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat):
+    weight, gate = weight.contiguous(), gate.contiguous()
     vals = values or features
     rows, M = features[0].shape[0], len(features)
     grad_features = [f.new_empty(f.shape) for f in features]

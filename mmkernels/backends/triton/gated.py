@@ -52,6 +52,9 @@ def _kernel(XA, XB, WA, WB, WZ, BA, BB, BZ, Out, HA, HB, Z, rows, N, Ka, Kb, sxa
 
 
 def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z):
+    # The kernel reads weight rows and biases as contiguous: make them so (they are small).
+    weight_a, weight_b, weight_z = (w if w.stride(-1) == 1 else w.contiguous() for w in (weight_a, weight_b, weight_z))
+    bias_a, bias_b, bias_z = (b.contiguous() if b is not None else None for b in (bias_a, bias_b, bias_z))
     rows, N = x_a.shape[0], weight_a.shape[0]
     out, h_a, h_b, z = (x_a.new_empty(rows, N) for _ in range(4))
     if rows == 0 or N == 0:

@@ -62,6 +62,9 @@ def _kernel(F0, F1, F2, F3, F4, F5, F6, F7, W0, W1, W2, W3, W4, W5, W6, W7, Meta
 
 
 def linear_fusion(features, weights, bias, activation):
+    # Rows of the features and weights take a row stride; the kernel reads each row as contiguous.
+    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
+    bias = bias.contiguous() if bias is not None else None
     rows, N = features[0].shape[0], weights[0].shape[0]
     out = features[0].new_empty(rows, N)
     pre = features[0].new_empty(0) if activation == 0 else features[0].new_empty(rows, N)
