@@ -14,12 +14,13 @@ def run(benchmark, case, provider_name, device, dtype, providers):
     if provider_name not in provs:
         pytest.skip(f"{provider_name} does not run on {device.type} here")
     inputs = case.inputs(device, dtype)
-    expected = torch.nan_to_num(next(iter(provs.values()))(*inputs).float())  # the oracle: the first provider
     got = provs[provider_name](*inputs)
     if got is None:
         pytest.skip(f"{provider_name} does not take these inputs")
-    err = (torch.nan_to_num(got.float()) - expected).abs().max().item() if got.numel() else 0.0
-    assert err <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), f"{provider_name}: max error {err:.3g}"
+    if getattr(case, "comparable", True):  # False: random by design (dropout); tests compare it without
+        expected = torch.nan_to_num(next(iter(provs.values()))(*inputs).float())  # the oracle: the first provider
+        err = (torch.nan_to_num(got.float()) - expected).abs().max().item() if got.numel() else 0.0
+        assert err <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), f"{provider_name}: max error {err:.3g}"
     fn = _call(case, provs[provider_name], inputs, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()

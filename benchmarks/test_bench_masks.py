@@ -5,7 +5,7 @@ import pytest
 
 from common import run
 from mmkernels.bench.attention import MaskedAttentionCase
-from mmkernels.bench.models import MllamaLayerCase
+from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
 from mmkernels.bench.runner import providers_of
 
 MASK_PROVIDERS = ["mmkernels-cpu", "mmkernels-triton", "mmkernels-cuda", "mmkernels-cpu-lengths", "mmkernels-cpu-mask",
@@ -29,4 +29,11 @@ def test_mllama_cross_attention_layer(benchmark, provider, device, dtype):
     pytest.importorskip("transformers")
     case = MllamaLayerCase("tiny")
     benchmark.group = f"mllama cross-attention layer {case.shape}"
+    run(benchmark, case, provider, device, dtype, providers_of)
+
+
+@pytest.mark.parametrize("provider", ["stock", "mmkernels"])
+def test_transformer_decoder_training(benchmark, provider, device, dtype):
+    case = DecoderTrainCase(2, 16, 40, 64, 4)
+    benchmark.group = f"nn.TransformerDecoder training {case.shape}"
     run(benchmark, case, provider, device, dtype, providers_of)

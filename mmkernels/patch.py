@@ -1,11 +1,14 @@
 """Swapping stock layers of an existing model for mmkernels layers, weights kept."""
 import dataclasses
+import weakref
 
 from torch import nn
 
 from mmkernels.nn import ConcatWeightedFusion, CrossModalAttention
 
-_ORIGINAL = "_mmkernels_original"
+# replacement -> the module it replaced, for unpatch(). Kept outside the modules so that
+# torch.save(model) after patch() does not also save every original layer.
+_ORIGINALS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
 def _is_attention_fusion_module(module):
@@ -14,17 +17,9 @@ def _is_attention_fusion_module(module):
     return cls.__name__ == "AttentionFusionModule" and cls.__module__.startswith("torchmultimodal")
 
 
-def _mha_refusal(module):
-    if module.bias_k is not None:
-        return "add_bias_kv=True changes the keys; kept as nn.MultiheadAttention"
-    if module.add_zero_attn:
-        return "add_zero_attn=True changes the keys; kept as nn.MultiheadAttention"
-    return None
-
-
 # kind -> (matches, why it can't be replaced or None, make the replacement)
 RULES = {
-    "MultiheadAttention": (lambda m: type(m) is nn.MultiheadAttention, _mha_refusal, CrossModalAttention.from_module),
+    "MultiheadAttention": (lambda m: type(m) is nn.MultiheadAttention, lambda m: None, CrossModalAttention.from_module),
     "AttentionFusionModule": (_is_attention_fusion_module, lambda m: None, ConcatWeightedFusion.from_module),
 }
 
@@ -50,7 +45,8 @@ def _children(model):
 def patch(model: nn.Module, *, include=None, verbose=False) -> PatchReport:
     """Replaces, in place, every stock module that mmkernels has a layer for (kinds in RULES;
     include= limits them) and returns what was replaced and what was left alone and why.
-    The originals are kept for unpatch()."""
+    unpatch() puts the originals back (they are remembered by the process, not saved with
+    the model)."""
     kinds = set(RULES) if include is None else set(include)
     unknown = kinds - set(RULES)
     if unknown:
@@ -65,7 +61,8 @@ def patch(model: nn.Module, *, include=None, verbose=False) -> PatchReport:
                 report.left_alone.append((path, type(child).__name__, why))
                 break
             new = make(child)
-            object.__setattr__(new, _ORIGINAL, child)  # not registered: stays out of state_dict
+            _ORIGINALS[new] = child
+            new._mmkernels_patched = True  # a flag, saved with the model, so unpatch() knows it after loading
             setattr(parent, name, new)
             report.replaced.append((path, type(child).__name__, type(new).__name__))
             break
@@ -75,12 +72,20 @@ def patch(model: nn.Module, *, include=None, verbose=False) -> PatchReport:
 
 
 def unpatch(model: nn.Module) -> int:
-    """Puts back the modules patch() replaced; returns how many."""
+    """Puts back the modules patch() replaced, with what was trained meanwhile; returns how
+    many. A patched model loaded from a file has no originals in this process: its patched
+    CrossModalAttention layers become new nn.MultiheadAttention layers with their weights, and
+    its other patched layers stay."""
     restored = 0
     for parent, name, _, child in list(_children(model)):
-        original = getattr(child, _ORIGINAL, None)
+        original = _ORIGINALS.pop(child, None)
         if original is not None:
-            original.load_state_dict(child.state_dict())  # keep what was trained meanwhile
-            setattr(parent, name, original)
-            restored += 1
+            original.load_state_dict(child.state_dict())
+            original.train(child.training)
+        elif type(child) is CrossModalAttention and getattr(child, "_mmkernels_patched", False):
+            original = child.to_stock()
+        else:
+            continue
+        setattr(parent, name, original)
+        restored += 1
     return restored

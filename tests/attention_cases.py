@@ -122,4 +122,6 @@ EDGE_CASES = [
     Case(D=160, Lq=20, Lk=31, causal=True, q_lengths=True, layout="blhd"),
     Case(Lq=70, Lk=200, ranges=True, causal=True, key_padding_mask=True),
     Case(Lq=45, Lk=77, dropout=0.25, ranges=True),
+    Case(D=192, Lq=12, Lk=40, causal=True, dropout=0.1, kv_lengths=True),
+    Case(D=224, Lq=10, Lk=37, key_padding_mask=True, layout="blhd"),
 ]

@@ -88,3 +88,52 @@ def test_gradcheck_float64(backend):
     kw["q_lengths"] = torch.tensor([5, 2])
     inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: mmkernels.cross_attention(q, k, v, backend=backend, **kw), inputs)
+
+
+def kernel_dropout_mask(backend, B, H, Lq, Lk, p, seed):
+    """The keep mask a backend's kernel really applies, read off its output: with q = 0 every
+    visible key gets probability 1/Lk, and with v the identity, out[..., j] = keep_j / (Lk (1 - p))."""
+    q = torch.zeros(B, H, Lq, Lk)
+    k = torch.randn(B, H, Lk, Lk)
+    v = torch.eye(Lk).expand(B, H, Lk, Lk)
+    torch.manual_seed(seed)
+    out = mmkernels.cross_attention(q, k, v, dropout_p=p, backend=backend)
+    scaled = out * Lk * (1 - p)
+    assert torch.allclose(scaled, scaled.round(), atol=1e-4)  # every entry is kept (1) or dropped (0)
+    return scaled.round().bool()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_debug_entry_is_the_kernels_mask(backend):
+    B, H, Lq, Lk, p = 2, 3, 19, 48, 0.3
+    torch.manual_seed(5)
+    expected = mmkernels.attention_dropout_mask(torch.empty(B, H, Lq, 8), torch.empty(B, H, Lk, 8), p)
+    assert torch.equal(kernel_dropout_mask(backend, B, H, Lq, Lk, p, seed=5), expected)
+
+
+def test_dropout_keep_rate_and_independence():
+    p, n = 0.2, 4 * 256 * 512
+    torch.manual_seed(0)
+    keep = mmkernels.attention_dropout_mask(torch.empty(1, 4, 256, 8), torch.empty(1, 4, 512, 8), p)
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    for a, b in ((keep[0, 0], keep[0, 1]), (keep[0, 0, :128], keep[0, 0, 128:]), (keep[0, 0, :, ::2], keep[0, 0, :, 1::2])):
+        agree = (a == b).float().mean().item()  # independent draws agree with probability p^2 + (1-p)^2
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
+    torch.manual_seed(0)
+    assert torch.equal(keep, mmkernels.attention_dropout_mask(torch.empty(1, 4, 256, 8), torch.empty(1, 4, 512, 8), p))
+    assert not torch.equal(keep, mmkernels.attention_dropout_mask(torch.empty(1, 4, 256, 8), torch.empty(1, 4, 512, 8), p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_same_seed_bitwise_equal(backend):
+    q, k, v, kw = Case(Lq=33, Lk=70, dropout=0.3, causal=True, kv_lengths=True).make(torch.float32, "cpu")
+    grad = torch.randn_like(q)
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = mmkernels.cross_attention(qq, kk, vv, backend=backend, **kw)
+        runs.append((out, *torch.autograd.grad(out, (qq, kk, vv), grad)))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0])

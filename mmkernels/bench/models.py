@@ -1,4 +1,5 @@
 """Whole layers of real models, stock against mmkernels: what a user sees after swapping."""
+import copy
 import dataclasses
 import functools
 
@@ -97,3 +98,75 @@ def mllama_providers(case, device, dtype, full: bool):
         return call
 
     return {"transformers-sdpa": run("sdpa"), "mmkernels": run("mmkernels")}
+
+
+@dataclasses.dataclass
+class DecoderTrainCase:
+    """nn.TransformerDecoder in training, as torch builds it: dropout 0.1 (the default), causal
+    self-attention (generate_square_subsequent_mask, tgt_is_causal) and cross-attention over
+    right-padded memory (lengths uniform in [M/4, M]); stock against the same decoder after
+    mmkernels.patch(). Dropout draws differ between the two, so the outputs are not compared
+    here: tests/test_nn.py checks the patched decoder against stock with dropout 0."""
+
+    B: int
+    tgt: int
+    memory: int
+    d_model: int
+    heads: int
+    layers: int = 2
+    mode: str = "fwd+bwd"
+    memory_only: bool = False
+
+    op = "transformer_decoder_train"
+    comparable = False
+
+    @staticmethod
+    def peers(case, device, dtype, full):
+        return decoder_providers(case, device, dtype)
+
+    @property
+    def shape(self):
+        return f"B{self.B} d{self.d_model} H{self.heads} x{self.layers} tgt{self.tgt} memory{self.memory}"
+
+    def inputs(self, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        tgt = torch.randn(self.B, self.tgt, self.d_model, generator=g).to(device, dtype)
+        memory = torch.randn(self.B, self.memory, self.d_model, generator=g).to(device, dtype)
+        lengths = torch.randint(self.memory // 4, self.memory + 1, (self.B,), generator=g)
+        pad = (torch.arange(self.memory) >= lengths.view(-1, 1)).to(device)
+        return tgt, memory, pad
+
+    def differentiable(self, inputs):
+        tgt, memory, pad = inputs
+        leaves = [tgt.detach().requires_grad_(), memory.detach().requires_grad_()]
+        return leaves, (*leaves, pad)
+
+    def flops(self, _) -> float:
+        d, t, m = self.d_model, self.B * self.tgt, self.B * self.memory
+        linear = 2 * t * d * d * (4 + 2 + 2 * 4) + 2 * m * d * d * 2  # self q/k/v/o, cross q/o, FF 4x; cross k/v
+        attention = 4 * t * d * (self.tgt + self.memory)
+        return self.layers * (linear + attention) * (3.0 if self.mode == "fwd+bwd" else 1.0)
+
+    def lengths_label(self, _):
+        return "padded memory"
+
+
+def decoder_providers(case, device, dtype):
+    """Stock and patched decoders with the same weights, both in training mode."""
+    import mmkernels
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(case.d_model, case.heads, 4 * case.d_model, batch_first=True)
+    stock = nn.TransformerDecoder(layer, case.layers).to(device, dtype).train()
+    patched = copy.deepcopy(stock)
+    mmkernels.patch(patched)
+    causal = nn.Transformer.generate_square_subsequent_mask(case.tgt, device=device, dtype=dtype)
+
+    def run(decoder):
+        def call(tgt, memory, pad):
+            return decoder(tgt, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
+
+        return call
+
+    return {"stock": run(stock), "mmkernels": run(patched)}

@@ -55,7 +55,8 @@ def run_case(case, device, dtype, full=False):
     lengths = inputs[3] if case.op == "cross_attention" else None
     label = case.lengths_label(lengths) if hasattr(case, "lengths_label") else "-"
     provs = providers_of(case, device, dtype, full)
-    oracle = None if case.memory_only else torch.nan_to_num(next(iter(provs.values()))(*inputs).float())
+    comparable = not case.memory_only and getattr(case, "comparable", True)  # False: random by design (dropout)
+    oracle = torch.nan_to_num(next(iter(provs.values()))(*inputs).float()) if comparable else None
     results = []
     for name, provider in provs.items():
         r = Result(case, name, lengths=label)

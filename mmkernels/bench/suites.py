@@ -2,7 +2,7 @@
 from mmkernels.bench.attention import AttentionCase, CoAttentionCase, MaskedAttentionCase
 from mmkernels.bench.family import DecisionCase, LinearCase
 from mmkernels.bench.fusion import FusionCase
-from mmkernels.bench.models import MllamaLayerCase
+from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
 
 
 def mask_cases(device_type: str):
@@ -15,6 +15,7 @@ def mask_cases(device_type: str):
         MaskedAttentionCase(2, 8, 2, 512, 2048, D, "images", mode="fwd+bwd"),
         MaskedAttentionCase(4, 8, 8, 128, 1024, D, "padding", mode="fwd"),
         MllamaLayerCase("real", mode="fwd"),
+        DecoderTrainCase(4, 256, 1024, 512, 8) if device_type == "cpu" else DecoderTrainCase(8, 1024, 4096, 1024, 16),
     ]
 
 

@@ -1,6 +1,8 @@
 """ConcatWeightedFusion: torchmultimodal's AttentionFusionModule, fused."""
+from typing import Dict
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mmkernels.ops import concat_weighted_fusion
 
@@ -33,10 +35,29 @@ class ConcatWeightedFusion(nn.Module):
         layer.load_state_dict(module.state_dict())
         return layer
 
-    def forward(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        if sorted(embeddings) != self.channels:
-            raise ValueError(f"ConcatWeightedFusion: embeddings must have the channels {self.channels}, got {sorted(embeddings)}")
+    def forward(self, embeddings: Dict[str, Tensor]) -> Tensor:
+        channels = list(embeddings.keys())
+        channels.sort()
+        if channels != self.channels:
+            raise ValueError("ConcatWeightedFusion: embeddings must have the channels " + str(self.channels) + ", got " + str(channels))
+        if torch.jit.is_scripting():
+            return self._composite(embeddings)  # TorchScript cannot call the Python op layer
+        return self._fused(embeddings)
+
+    @torch.jit.unused
+    def _fused(self, embeddings: Dict[str, Tensor]) -> Tensor:
         features = [embeddings[c] for c in self.channels]
         values = [self.encoding_projection[c](embeddings[c]) for c in self.channels]
         gate = self.attention[0]
         return concat_weighted_fusion(features, gate.weight, gate.bias, values=values, output="sum")
+
+    def _composite(self, embeddings: Dict[str, Tensor]) -> Tensor:
+        """AttentionFusionModule's own computation, in TorchScript."""
+        weights = self.attention(torch.cat([embeddings[c] for c in self.channels], dim=-1))
+        out = torch.zeros(0)
+        i = 0
+        for channel, projection in self.encoding_projection.items():
+            term = weights[..., i : i + 1] * projection(embeddings[channel])
+            out = term if i == 0 else out + term
+            i += 1
+        return out

@@ -1,10 +1,20 @@
 """CrossModalAttention: a drop-in nn.MultiheadAttention whose attention runs in mmkernels."""
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from mmkernels.masks import RangeCache, visible_keys
 from mmkernels.ops import cross_attention
+from mmkernels.ops._checks import InvalidInput
+
+_STOCK = nn.MultiheadAttention  # bound at import: tests and users may rebind torch.nn's name
+
+
+class ShapeError(InvalidInput, AssertionError):
+    """Bad arguments to CrossModalAttention, raised where nn.MultiheadAttention raises an
+    AssertionError (with its message), so code catching either type still works."""
 
 
 class CrossModalAttention(nn.Module):
@@ -27,11 +37,10 @@ class CrossModalAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"CrossModalAttention: embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
-        for name, value in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
-            if value:
-                raise ValueError(f"CrossModalAttention: {name}=True is not supported (it changes the keys); keep nn.MultiheadAttention for it")
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and num_heads={num_heads} instead")
+        if embed_dim % num_heads:
+            raise ShapeError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.head_dim = embed_dim // num_heads
@@ -53,8 +62,12 @@ class CrossModalAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.bias_k = self.bias_v = None
-        self.add_zero_attn = False
+        if add_bias_kv:  # one more key and value row, learnt, seen by every query
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn  # one more key and value row of zeros
         self._ranges = RangeCache()  # attn_mask -> per-row key ranges, once per mask tensor
         self.last_fallback = None  # why the last call took the SDPA path, or None when it ran fused
         self._reset_parameters()
@@ -66,11 +79,14 @@ class CrossModalAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+        for b in (self.bias_k, self.bias_v):
+            if b is not None:
+                nn.init.xavier_normal_(b)
 
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention) -> "CrossModalAttention":
         """A CrossModalAttention with mha's configuration and a copy of its weights."""
-        if not isinstance(mha, nn.MultiheadAttention):
+        if not isinstance(mha, _STOCK):
             raise TypeError(f"CrossModalAttention.from_module expects nn.MultiheadAttention, got {type(mha).__name__}")
         w = mha.out_proj.weight
         layer = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
@@ -79,6 +95,15 @@ class CrossModalAttention(nn.Module):
         layer.load_state_dict(mha.state_dict())
         layer.train(mha.training)
         return layer
+
+    def to_stock(self) -> nn.MultiheadAttention:
+        """The nn.MultiheadAttention this layer replaces, with a copy of its weights."""
+        w = self.out_proj.weight
+        mha = _STOCK(self.embed_dim, self.num_heads, self.dropout, bias=self.in_proj_bias is not None,
+                     add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn, kdim=self.kdim,
+                     vdim=self.vdim, batch_first=self.batch_first, device=w.device, dtype=w.dtype)
+        mha.load_state_dict(self.state_dict())
+        return mha.train(self.training)
 
     def _weights(self):
         E = self.embed_dim
@@ -90,6 +115,8 @@ class CrossModalAttention(nn.Module):
         E = self.embed_dim
         wq, wk, wv = self._weights()
         b = self.in_proj_bias
+        if b is not None and b.dtype != query.dtype:
+            b = b.to(query.dtype)  # stock accepts a bias of another dtype
         bq, bkv = (b[:E], b[E:]) if b is not None else (None, None)
         q = F.linear(query, wq, bq)
         if key is value and self.kdim == self.vdim:
@@ -108,36 +135,113 @@ class CrossModalAttention(nn.Module):
         L, B, _ = x.shape
         return x.view(L, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False, kv_lengths=None):
-        unbatched = query.dim() == 2
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        if torch.jit.is_scripting():
+            # TorchScript cannot call the Python op layer: a scripted layer runs torch's own
+            # multi_head_attention_forward on this layer's weights.
+            return self._scripted_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                          average_attn_weights, is_causal, kv_lengths)
+        return self._fused_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal, kv_lengths)
+
+    def _scripted_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                          need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
+                          is_causal: bool, kv_lengths: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        if kv_lengths is not None:
+            lengths_mask = torch.arange(key.shape[-2], device=key.device) >= kv_lengths.unsqueeze(-1)
+            key_padding_mask = lengths_mask if key_padding_mask is None else key_padding_mask.logical_or(lengths_mask)
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    @torch.jit.unused
+    def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                       need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
+                       is_causal: bool, kv_lengths: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            # stock's NestedTensor contract, on these weights: its fused fast path, or its error
+            return _STOCK.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                  average_attn_weights, is_causal)
+        unbatched = not self._check_inputs(query, key, value, key_padding_mask, attn_mask, kv_lengths)
         if unbatched:
             dim = 0 if self.batch_first else 1
             query, key, value = (t.unsqueeze(dim) for t in (query, key, value))
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
-        merged, q, k = self.attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
+            kv_lengths = kv_lengths.view(1) if kv_lengths is not None else None
+        merged, q, k, masks = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
         out = self.out_proj(merged)
         weights = None
         if need_weights:
-            weights = self._attention_weights(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal, average_attn_weights)
+            weights = self._attention_weights(q, k, *masks, is_causal, average_attn_weights)
         if unbatched:
             out = out.squeeze(0 if self.batch_first else 1)
             weights = weights.squeeze(0) if weights is not None else None
         return out, weights
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, kv_lengths) -> bool:
+        """nn.MultiheadAttention's checks, with its messages; True for batched inputs."""
+        try:
+            batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        except AssertionError as e:
+            raise ShapeError(str(e)) from None
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise ShapeError(f"only bool and floating types of {name} are supported")
+        if query.shape[-1] != self.embed_dim:
+            raise ShapeError(f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}")
+        for name, t, d in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != d:
+                raise ShapeError(f"expected `{name}` with last dim {d} (the layer's {name[0]}dim), got shape {tuple(t.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ShapeError(f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match value's {tuple(value.shape[:-1])}")
+        b_dim = (0 if self.batch_first else 1) if batched else None
+        B = query.shape[b_dim] if batched else 1
+        Lq = query.shape[1 if self.batch_first else 0] if batched else query.shape[0]
+        Lk = key.shape[1 if self.batch_first else 0] if batched else key.shape[0]
+        if batched and key.shape[b_dim] != B:
+            raise ShapeError(f"expected `key` and `query` to have the same batch size, got {key.shape[b_dim]} and {B}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((B, Lk) if batched else (Lk,)):
+            raise ShapeError(f"expecting key_padding_mask shape of {(B, Lk) if batched else (Lk,)}, but got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            expected = (Lq, Lk) if attn_mask.dim() == 2 else (B * self.num_heads, Lq, Lk)
+            if tuple(attn_mask.shape) != expected:
+                raise ShapeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, but should be {expected}.")
+        if kv_lengths is not None and tuple(kv_lengths.shape) != ((B,) if batched else (1,)):
+            raise ShapeError(f"kv_lengths must have shape {(B,)}, got {tuple(kv_lengths.shape)}")
+        return batched
 
     def attend(self, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False, kv_lengths=None,
                need_weights=False):
         """The attention with its heads merged, before out_proj, in the query's layout; also
         the (B, H, L, Dh) q and k views. GatedCrossAttention fuses out_proj into its epilogue."""
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"CrossModalAttention: query must be ({'B, L' if self.batch_first else 'L, B'}, {self.embed_dim}), got {tuple(query.shape)}")
+            raise ShapeError(f"CrossModalAttention: query must be ({'B, L' if self.batch_first else 'L, B'}, {self.embed_dim}), got {tuple(query.shape)}")
         for name, t, d in (("key", key, self.kdim), ("value", value, self.vdim)):
             if t.dim() != 3 or t.shape[-1] != d:
-                raise ValueError(f"CrossModalAttention: {name} must be 3-D with last dim {d}, got {tuple(t.shape)}")
+                raise ShapeError(f"CrossModalAttention: {name} must be 3-D with last dim {d}, got {tuple(t.shape)}")
+        merged, q, k, _ = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
+        return merged, q, k
+
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
                                "`generate_square_subsequent_mask` to create this mask.")
         q, k, v = (self._heads(t) for t in self._project(query, key, value))
+        if self.bias_k is not None or self.add_zero_attn:
+            k, v, key_padding_mask, attn_mask = self._extra_keys(k, v, key_padding_mask, attn_mask, kv_lengths)
+            kv_lengths = None  # folded into key_padding_mask, which the extra keys extend
         dropout = self.dropout if self.training else 0.0
         fused, self.last_fallback = self._fused_arguments(q, k, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
         if fused is not None:
@@ -147,7 +251,34 @@ class CrossModalAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         B, _, Lq, _ = q.shape
         merged = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
-        return (merged if self.batch_first else merged.transpose(0, 1)), q, k
+        return (merged if self.batch_first else merged.transpose(0, 1)), q, k, (key_padding_mask, attn_mask, kv_lengths)
+
+    def _extra_keys(self, k, v, key_padding_mask, attn_mask, kv_lengths):
+        """add_bias_kv's learnt key/value row, then add_zero_attn's zero row, after the keys, as
+        stock appends them; every query sees them, so the masks grow by visible columns."""
+        B, H, Lk, Dh = k.shape
+        if kv_lengths is not None:
+            lengths_mask = torch.arange(Lk, device=k.device) >= kv_lengths.view(B, 1)
+            if key_padding_mask is None:
+                key_padding_mask = lengths_mask
+            elif key_padding_mask.dtype == torch.bool:
+                key_padding_mask = key_padding_mask | lengths_mask
+            else:
+                key_padding_mask = key_padding_mask.masked_fill(lengths_mask, float("-inf"))
+        rows_k, rows_v = [k], [v]
+        if self.bias_k is not None:
+            rows_k.append(self.bias_k.to(k.dtype).view(1, H, 1, Dh).expand(B, H, 1, Dh))
+            rows_v.append(self.bias_v.to(v.dtype).view(1, H, 1, Dh).expand(B, H, 1, Dh))
+        if self.add_zero_attn:
+            rows_k.append(k.new_zeros(B, H, 1, Dh))
+            rows_v.append(v.new_zeros(B, H, 1, Dh))
+        extra = len(rows_k) - 1
+        k, v = torch.cat(rows_k, 2), torch.cat(rows_v, 2)
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, extra))  # False / 0: visible
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, extra))
+        return k, v, key_padding_mask, attn_mask
 
     def _fused_arguments(self, q, k, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights):
         """The cross_attention keywords for these masks, or (None, why the fallback runs): masks
@@ -157,6 +288,8 @@ class CrossModalAttention(nn.Module):
         Lk = k.shape[2]
         args = {"kv_lengths": kv_lengths}
         if key_padding_mask is not None:
+            if key_padding_mask.is_floating_point() and torch.compiler.is_compiling():
+                return None, "a float key_padding_mask inside torch.compile (telling 0/-inf from a bias needs its values)"
             visible = visible_keys(key_padding_mask, bool_true_means="hidden")
             if visible is None:
                 return None, "a float key_padding_mask with values other than 0 and -inf"

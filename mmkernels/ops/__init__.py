@@ -1,10 +1,10 @@
 """The public functional API: validation, then one torch.ops.mmkernels call."""
 from mmkernels.ops.co_attention import co_attention
 from mmkernels.ops.concat_weighted_fusion import concat_weighted_fusion
-from mmkernels.ops.cross_attention import cross_attention
+from mmkernels.ops.cross_attention import attention_dropout_mask, cross_attention
 from mmkernels.ops.decision_fusion import decision_fusion
 from mmkernels.ops.gated_fusion import gated_fusion
 from mmkernels.ops.gated_residual_linear import gated_residual_linear
 from mmkernels.ops.linear_fusion import linear_fusion
 
-__all__ = ["co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion"]
+__all__ = ["attention_dropout_mask", "co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion"]

@@ -4,6 +4,7 @@ import numbers
 
 import torch
 
+from mmkernels.backends import reference
 from mmkernels.backends.base import Problem, stats_shape
 from mmkernels.ops._checks import (
     check_float,
@@ -117,6 +118,20 @@ def dropout_seed(q):
     """A fresh 63-bit Philox key from torch's generator for q's device: torch.manual_seed
     reproduces it, and it stays on the device (no host sync, CUDA graphs replay a new draw)."""
     return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
+
+
+def attention_dropout_mask(q, k, dropout_p):
+    """Debug entry: the (B, Hq, Lq, Lk) bool mask of the attention probabilities that
+    cross_attention(q, k, v, dropout_p=dropout_p) keeps when torch's generator for q's device is
+    in its current state (it draws the Philox key as cross_attention does; seed both the same way
+    to compare). Kept probabilities are scaled by 1 / (1 - dropout_p)."""
+    dropout_p = check_dropout(dropout_p)
+    check_float("q", q)
+    check_float("k", k)
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0]:
+        fail(f"q and k must be (B, H, L, D) with the same B, got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, Lq, _ = q.shape
+    return reference.dropout_keep(dropout_seed(q), B, H, Lq, k.shape[2], dropout_p)
 
 
 def _problem(q, k, v, *rest):
