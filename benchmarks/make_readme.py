@@ -8,7 +8,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn"]
+PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
 
 
 def section(path):
@@ -21,13 +21,20 @@ def section(path):
         cases[(r["op"], r["mode"], r["shape"], r["lengths"])].append(r)
     peers = [p for p in PEERS if any(r["provider"] == p and r["time_ms"] for r in rows)]
     first = rows[0]
-    out = [f"**{first['device']}**, {first['dtype']}, torch {first['torch']}, commit {first['commit']}, {first['date']} "
+    load = " **with another process keeping one core busy**" if path.endswith("-load.csv") else ", idle"
+    out = [f"**{first['device']}**{load}, {first['dtype']}, torch {first['torch']}, commit {first['commit']}, {first['date']} "
            f"([csv]({os.path.relpath(path, ROOT)})). Speed-up = peer time / mmkernels time; "
            "TFLOP/s count only unpadded keys.\n",
            "| case | lengths | mmkernels ms | " + " | ".join(f"vs {p}" for p in peers) + " | peak MiB (ours / eager) |",
            "|---|---|---|" + "---|" * len(peers) + "---|"]
+    notes = []
     for (op, mode, shape, lengths), rs in cases.items():
         by = {r["provider"]: r for r in rs}
+        mask, by_lengths = by.get("mmkernels-cpu-mask") or by.get("mmkernels-cuda-mask"), by.get("mmkernels-cpu-lengths") or by.get("mmkernels-cuda-lengths")
+        if mask and by_lengths and mask["time_ms"] and by_lengths["time_ms"]:
+            notes.append(f"{op} {mode} {shape}, right-padded: key_padding_mask {float(mask['time_ms']):.2f} ms, "
+                         f"the equal kv_lengths {float(by_lengths['time_ms']):.2f} ms "
+                         f"({float(mask['time_ms']) / float(by_lengths['time_ms']):.2f}x the time).")
         ours = [r for r in rs if r["provider"].startswith("mmkernels") and r["time_ms"]]
         if not ours:
             continue
@@ -38,10 +45,10 @@ def section(path):
             cells.append(f"{float(r['time_ms']) / float(best['time_ms']):.2f}x" if r and r["time_ms"] else "n/a")
         eager_mem = by.get("eager", {}).get("peak_mib") or "-"
         name = f"{op} {mode} {shape} ({best['provider'].removeprefix('mmkernels-')}, {float(best['throughput']):.2f} {best['throughput_unit']})"
-        lens = "ragged" if lengths != "-" else "full"
+        lens = "full" if lengths == "-" else ("ragged" if re.fullmatch(r"[\d/]+", lengths) else lengths)
         out.append(f"| {name} | {lens} | {float(best['time_ms']):.2f} | " + " | ".join(cells) + f" | {best['peak_mib'] or '-'} / {eager_mem} |")
     plots = sorted(glob.glob(os.path.splitext(path)[0] + "-*.png"))
-    out += [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, ROOT)})" for p in plots]
+    out += [""] + notes + [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, ROOT)})" for p in plots]
     return "\n".join(out)
 
 

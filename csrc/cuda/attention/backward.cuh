@@ -18,11 +18,12 @@ struct BackwardConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kLd = D + kPad;
-  // dkdv_kernel: 16 keys per warp; query blocks of kBlockM per step. D = 128 takes 32 queries a
-  // step so that dK, dV and two score tiles stay in registers.
+  // dkdv_kernel: 16 keys per warp; query blocks of kBlockM per step, small enough that dK, dV,
+  // the two score tiles and the dropout draws stay in registers (ptxas -v: no spills,
+  // tools/compile_gpu.py --cuda).
   static constexpr int kBlockN = 16 * kWarps;
   static_assert(kBlockN == kKeyTile, "a dK/dV block is one key tile");
-  static constexpr int kBlockM = D <= 64 ? 64 : 32;
+  static constexpr int kBlockM = 16;
   // K and V; Q and dO in two buffers each; then lse and delta, and the query rows' key ranges,
   // two buffers each.
   static constexpr int kDkDvTileBytes = (2 * kBlockN + 4 * kBlockM) * kLd * 2;

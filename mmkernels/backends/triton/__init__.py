@@ -30,8 +30,18 @@ def why_not(p: Problem, explicit: bool) -> str | None:
         return f"runs on cuda tensors, got {p.device.type}"
     if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"supports float16, bfloat16 and float32, got {p.dtype}"
-    if p.op in ("cross_attention", "co_attention") and not 1 <= p.head_dim <= MAX_HEAD_DIM:
-        return f"supports head dims 1 to {MAX_HEAD_DIM}, got {p.head_dim}"
+    if p.op in ("cross_attention", "co_attention"):
+        if not 1 <= p.head_dim <= MAX_HEAD_DIM:
+            return f"supports head dims 1 to {MAX_HEAD_DIM}, got {p.head_dim}"
+        if p.device.type == "cuda":
+            from mmkernels.backends.triton import budgets
+
+            block_d = max(16, 1 << (p.head_dim - 1).bit_length())
+            size = torch.empty(0, dtype=p.dtype).element_size()
+            for kernel in ("fwd", "dkdv", "dq"):
+                if not budgets.fits(kernel, size, block_d):
+                    return (f"no tile shape of its {kernel} kernel fits sm_80 and sm_90 for {p.dtype} at head dim "
+                            f"{p.head_dim} (budgets.ATTENTION_FITS, measured by tools/compile_gpu.py)")
     if p.op in ("concat_weighted_fusion", "decision_fusion", "linear_fusion") and p.modalities > MAX_MODALITIES:
         return f"supports at most {MAX_MODALITIES} modalities, got {p.modalities}"
     return None

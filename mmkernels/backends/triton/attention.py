@@ -26,10 +26,10 @@ import triton.language as tl
 
 from mmkernels.backends.base import co_attention_backward_by_two_calls, co_attention_by_two_calls, stats_shape
 from mmkernels.backends.reference import dropout_threshold
-from mmkernels.backends.triton.config import INTERPRET, attention_configs
+from mmkernels.backends.triton.config import INTERPRET, attention_autotune
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read only those globals
 MAX_HEAD_DIM = 256
 
 
@@ -71,19 +71,28 @@ def _visible(lo, hi, cols, Mask, smb, sml, b, Lk, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _keep(Seed, row0, rows, cols, threshold):
+def _keep(Seed, row0, rows, col0, threshold, BLOCK_N: tl.constexpr):
     """Dropout's keep mask for query rows (their (b * Hq + h) * Lq + i index starts at row0) and
-    keys cols: Philox4x32-10 with counter (row, row >> 32, j >> 2, 0), output j & 3."""
+    keys col0 + arange(BLOCK_N), col0 a multiple of 4: Philox4x32-10 with counter
+    (row, row >> 32, j >> 2, 0), output j & 3. One Philox call serves four keys, so it runs on a
+    (rows, BLOCK_N / 4) tile and its four outputs are interleaved back into key order."""
     seed = tl.load(Seed)
     row = row0 + rows.to(tl.int64)
-    zero = tl.zeros([rows.shape[0], cols.shape[0]], tl.uint32)
+    zero = tl.zeros([rows.shape[0], BLOCK_N // 4], tl.uint32)
     c0 = (row & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero
     c1 = (row >> 32).to(tl.uint32)[:, None] + zero
-    c2 = (cols >> 2).to(tl.uint32)[None, :] + zero
+    c2 = ((col0 >> 2) + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)[None, :] + zero
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
-    sel = (cols & 3)[None, :]
-    draw = tl.where(sel == 0, r0, tl.where(sel == 1, r1, tl.where(sel == 2, r2, r3)))
+    draw = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # r0 r1 r2 r3 of group 0, then group 1, ...
     return draw.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _hits(vis, bad):
+    """(rows, D): how many visible keys with a non-finite value each output meets. 0/1 operands
+    in float16 are exact (and sums stay far below 2048), and take the tensor cores: no fp32
+    operand tiles in shared memory for this rare path. NaN added to an accumulator stays NaN."""
+    return tl.dot(vis.to(tl.float16), bad.to(tl.float16))
 
 
 @triton.jit
@@ -121,7 +130,7 @@ def _fwd_program(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     lo, hi, active = _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl,
                                  MaskLo, MaskHi, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL)
-    first = tl.min(tl.where(active, lo, Lk))
+    first = tl.min(tl.where(active, lo, Lk)) // BLOCK_N * BLOCK_N  # aligned tiles: dropout draws four keys at a time
     last = tl.max(hi)
     dims = tl.arange(0, BLOCK_D)
     in_q = rows < Lq
@@ -131,7 +140,6 @@ def _fwd_program(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     seen = tl.zeros([BLOCK_M], tl.int32)
-    poisoned = tl.zeros([BLOCK_M, BLOCK_D], tl.int32)  # outputs a visible non-finite value reaches
     k_base = K + b64 * skb + hk64 * skh
     v_base = V + b64 * svb + hk64 * svh
     row0 = (b64 * Hq + h64) * Lq
@@ -150,19 +158,18 @@ def _fwd_program(
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                p = tl.where(_keep(Seed, row0, rows, cols, threshold), p * keep_scale, 0.0)
+                p = tl.where(_keep(Seed, row0, rows, start, threshold, BLOCK_N), p * keep_scale, 0.0)
             v = tl.load(v_base + cols[:, None].to(tl.int64) * svl + dims[None, :],
                         mask=kv_ok[:, None] & (dims[None, :] < D), other=0.0)
             v_ok = _finite(v)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), tl.where(v_ok, v, 0.0), input_precision=PRECISION)
-            if tl.min(v_ok.to(tl.int32)) == 0:  # rare: count the visible non-finite values each output meets
-                hits = tl.dot(vis.to(tl.float32), (v_ok == 0).to(tl.float32), input_precision="ieee")
-                poisoned = tl.maximum(poisoned, (hits > 0).to(tl.int32))
+            if tl.min(v_ok.to(tl.int32)) == 0:  # rare: an output a visible non-finite value reaches is NaN
+                acc += tl.where(_hits(vis, v_ok == 0) > 0, float("nan"), 0.0)
             m_i = m_new
     empty = seen == 0
     overflow = (l_i == 0.0) & ~empty  # visible keys whose scores all overflowed: NaN, not a silent 0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None])
-    out = tl.where(overflow[:, None] | (poisoned > 0), float("nan"), out)
+    out = tl.where(overflow[:, None], float("nan"), out)
     log2_sum = tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
     m_i = tl.where(empty, float("inf"), tl.where(overflow, float("-inf"), m_i))  # no key: P = 0 in the backward
     tl.store(Out + b64 * sob + h64 * soh + rows[:, None].to(tl.int64) * sol + dims[None, :],
@@ -212,7 +219,6 @@ def _bwd_dkdv_program(
     v = tl.load(V + b64 * svb + hk64 * svh + cols[:, None].to(tl.int64) * svl + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    poisoned = tl.zeros([BLOCK_N, BLOCK_D], tl.int32)  # dV entries a visible non-finite dO reaches
     key_first = pid_n * BLOCK_N
     for g in range(0, group):
         h64 = (hk * group + g).to(tl.int64)
@@ -235,17 +241,15 @@ def _bwd_dkdv_program(
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 z = p
                 if DROPOUT:
-                    keep = _keep(Seed, row0, rows, cols, threshold)
+                    keep = _keep(Seed, row0, rows, key_first, threshold, BLOCK_N)
                     z = tl.where(keep, p * keep_scale, 0.0)
                     dp = tl.where(keep, dp * keep_scale, 0.0)
                 do_ok = _finite(do)
                 dv += tl.dot(tl.trans(z).to(do.dtype), tl.where(do_ok, do, 0.0), input_precision=PRECISION)
-                if tl.min(do_ok.to(tl.int32)) == 0:
-                    hits = tl.dot(tl.trans(vis.to(tl.float32)), (do_ok == 0).to(tl.float32), input_precision="ieee")
-                    poisoned = tl.maximum(poisoned, (hits > 0).to(tl.int32))
+                if tl.min(do_ok.to(tl.int32)) == 0:  # rare: a dV entry a visible non-finite dO reaches is NaN
+                    dv += tl.where(_hits(tl.trans(vis), do_ok == 0) > 0, float("nan"), 0.0)
                 ds = tl.where(vis & (p != 1.0), p * (dp - delta[:, None]), 0.0)  # a saturated row (P = 1) has none
                 dk += tl.dot(tl.trans(ds).to(q.dtype), tl.where(_finite(q), q, 0.0), input_precision=PRECISION)
-    dv = tl.where(poisoned > 0, float("nan"), dv)
     in_range = (cols[:, None] < Lk) & (dims[None, :] < D)
     tl.store(DK + b64 * sdkb + hk64 * sdkh + cols[:, None].to(tl.int64) * sdkl + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=in_range)
     tl.store(DV + b64 * sdvb + hk64 * sdvh + cols[:, None].to(tl.int64) * sdvl + dims[None, :], dv.to(DV.dtype.element_ty), mask=in_range)
@@ -267,7 +271,7 @@ def _bwd_dq_program(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     lo, hi, active = _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl,
                                  MaskLo, MaskHi, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL)
-    first = tl.min(tl.where(active, lo, Lk))
+    first = tl.min(tl.where(active, lo, Lk)) // BLOCK_N * BLOCK_N
     last = tl.max(hi)
     dims = tl.arange(0, BLOCK_D)
     in_q = rows < Lq
@@ -289,7 +293,7 @@ def _bwd_dq_program(
             p = tl.where(vis, tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None]), 0.0)
             dp = tl.dot(do, vt, input_precision=PRECISION)
             if DROPOUT:
-                dp = tl.where(_keep(Seed, row0, rows, cols, threshold), dp * keep_scale, 0.0)
+                dp = tl.where(_keep(Seed, row0, rows, start, threshold, BLOCK_N), dp * keep_scale, 0.0)
             ds = tl.where(vis & (p != 1.0), p * (dp - delta[:, None]), 0.0)
             dq += tl.dot(ds.to(kt.dtype), tl.trans(tl.where(_finite(kt), kt, 0.0)), input_precision=PRECISION)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + rows[:, None].to(tl.int64) * sdql + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -299,7 +303,7 @@ def _bwd_dq_program(
 _KEY = ["BLOCK_D", "HAS_MASK", "HAS_START", "CAUSAL", "DROPOUT"]
 
 
-@triton.autotune(configs=attention_configs("fwd"), key=_KEY)
+@triton.autotune(**attention_autotune("fwd", _KEY))
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
@@ -318,7 +322,7 @@ def _fwd_kernel(
     )
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=_KEY)
+@triton.autotune(**attention_autotune("dkdv", _KEY))
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
@@ -339,7 +343,7 @@ def _bwd_dkdv_kernel(
     )
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=_KEY)
+@triton.autotune(**attention_autotune("dq", _KEY))
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
@@ -361,7 +365,7 @@ def _bwd_dq_kernel(
 # ---- co_attention: both directions in one launch per stage. A side is every runtime argument
 # of one direction; programs below BH_A run side a.
 
-@triton.autotune(configs=attention_configs("fwd"), key=["BLOCK_D", "HAS_START_A", "HAS_START_B"])
+@triton.autotune(**attention_autotune("fwd", ["BLOCK_D", "HAS_START_A", "HAS_START_B"]))
 @triton.jit
 def _fwd_co_kernel(
     Q_a, K_a, V_a, Out_a, Lse_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a,
@@ -393,7 +397,7 @@ def _fwd_co_kernel(
         )
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_START_A", "HAS_START_B"])
+@triton.autotune(**attention_autotune("dkdv", ["BLOCK_D", "HAS_START_A", "HAS_START_B"]))
 @triton.jit
 def _bwd_dkdv_co_kernel(
     Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
@@ -429,7 +433,7 @@ def _bwd_dkdv_co_kernel(
         )
 
 
-@triton.autotune(configs=attention_configs("bwd"), key=["BLOCK_D", "HAS_START_A", "HAS_START_B"])
+@triton.autotune(**attention_autotune("dq", ["BLOCK_D", "HAS_START_A", "HAS_START_B"]))
 @triton.jit
 def _bwd_dq_co_kernel(
     Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,

@@ -1,22 +1,36 @@
-"""Launch configurations. On a GPU the kernels autotune over a few tile shapes (the key is the
-padded head dim and whether a key mask is loaded, never the batch or the lengths, so a new
-batch size does not recompile). Under TRITON_INTERPRET=1 (CPU tensors, CI) one small
-configuration keeps the interpreter fast."""
+"""Launch configurations. On a GPU the attention kernels autotune over a few tile shapes (the
+key is the padded head dim and which masks are loaded, never the batch or the lengths, so a new
+batch size does not recompile), pruned before any is tried to those that fit the GPUs we target
+without spilling: budgets.ATTENTION_FITS, measured by tools/compile_gpu.py. Under
+TRITON_INTERPRET=1 (CPU tensors, CI) one small configuration keeps the interpreter fast."""
 import os
 
 import triton
 
+from mmkernels.backends.triton import budgets
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def attention_configs(direction: str):
+def _operand_bytes(named_args) -> int:
+    q = next(t for t in named_args.values() if hasattr(t, "element_size"))  # the first tensor: the queries
+    return q.element_size()
+
+
+def attention_autotune(kernel: str, key):
+    """triton.autotune's arguments for the attention kernel `kernel` ("fwd", "dkdv" or "dq")."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if direction == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
-    else:
-        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        return dict(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)], key=key)
+
+    def fitting(configs, named_args, **kwargs):
+        allowed = budgets.fits(kernel, _operand_bytes(named_args), kwargs["BLOCK_D"])
+        if allowed is None:  # tools/compile_gpu.py --candidates: every candidate
+            return configs
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    shapes = budgets.ATTENTION_CANDIDATES["fwd" if kernel == "fwd" else "bwd"]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return dict(configs=configs, key=key, prune_configs_by={"early_config_prune": fitting})
 
 
 def fusion_config():

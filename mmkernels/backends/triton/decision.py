@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkernels.backends.triton.config import fusion_config
+from mmkernels.backends.triton.config import INTERPRET, fusion_config
 from mmkernels.backends.triton.fusion import _padded, _pick
 
 
@@ -100,6 +100,8 @@ def decision_fusion(logits, weights, prob):
     if rows:
         block_r, block_c, warps = fusion_config()
         strides = torch.tensor([t.stride(0) for t in logits], dtype=torch.int64, device=out.device)
+        if len(logits) > 4 and not INTERPRET:
+            warps *= 2  # the unrolled per-modality loads of a column tile: more threads, fewer registers each
         _fwd_kernel[(triton.cdiv(rows, block_r),)](*_padded(logits), strides, weights.float().contiguous(), out, rows, C,
                                                     M=len(logits), MP=max(2, triton.next_power_of_2(len(logits))), PROB=prob,
                                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
