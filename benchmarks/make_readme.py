@@ -47,13 +47,14 @@ def section(path):
         name = f"{op} {mode} {shape} ({best['provider'].removeprefix('mmkernels-')}, {float(best['throughput']):.2f} {best['throughput_unit']})"
         lens = "full" if lengths == "-" else ("ragged" if re.fullmatch(r"[\d/]+", lengths) else lengths)
         out.append(f"| {name} | {lens} | {float(best['time_ms']):.2f} | " + " | ".join(cells) + f" | {best['peak_mib'] or '-'} / {eager_mem} |")
-    plots = sorted(glob.glob(os.path.splitext(path)[0] + "-*.png"))
+    base = os.path.splitext(path)[0]
+    plots = sorted(p for p in glob.glob(base + "-*.png") if path.endswith("-load.csv") or not p.startswith(base + "-load"))
     out += [""] + notes + [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, ROOT)})" for p in plots]
     return "\n".join(out)
 
 
 def main():
-    paths = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.csv")))
+    paths = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.csv")), key=lambda p: (p.endswith("-load.csv"), p))
     body = "\n\n".join(filter(None, (section(p) for p in paths))) or "No results committed yet."
     readme_path = os.path.join(ROOT, "README.md")
     with open(readme_path) as f:
