@@ -104,11 +104,28 @@ class RangeCache:
             # Deciding needs the mask's values, which a traced graph does not have.
             return None, "masks are not converted to ranges inside torch.compile"
         key = self._key(mask, batch, q_len, kv_len, bool_true_means)
+        return self._cached(key, mask, lambda: to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means))
+
+    def visible(self, mask, *, bool_true_means):
+        """visible_keys(mask), cached: for a float mask, deciding that it is only 0 and -inf
+        costs a host sync."""
+        if mask.dtype == torch.bool:
+            return visible_keys(mask, bool_true_means=bool_true_means)
+        key = ("visible", *self._key(mask, 0, 0, 0, bool_true_means))
+        return self._cached(key, mask, lambda: visible_keys(mask, bool_true_means=bool_true_means))
+
+    def _cached(self, key, mask, compute):
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is mask:
             return hit[1]
-        result = to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means)
+        result = compute()
         self._entries[key] = (weakref.ref(mask), result)
         while len(self._entries) > self.size:
             self._entries.pop(next(iter(self._entries)))
         return result
+
+
+# One cache for every layer of the process: a model's layers share their masks, so each mask is
+# converted once per forward, not once per layer (and no layer holds weak references, which
+# would not pickle).
+SHARED = RangeCache(size=16)

@@ -297,3 +297,23 @@ def test_save_after_patch_does_not_store_the_originals(tmp_path):
     assert mmkernels.unpatch(loaded) == 4  # rebuilt as stock layers: no originals in this process
     assert type(loaded.layers[0].self_attn) is nn.MultiheadAttention
     torch.testing.assert_close(loaded(x, memory), decoder(x, memory), atol=1e-5, rtol=1e-4)
+
+
+def test_masks_are_converted_once_per_forward_and_layers_still_pickle(tmp_path, monkeypatch):
+    """The mask conversions are cached per mask tensor for all layers together (one host
+    decision per forward, not one per layer), and a layer that has used a mask still saves."""
+    import mmkernels.masks as masks
+
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 64, batch_first=True), 3, enable_nested_tensor=False)
+    mmkernels.patch(encoder)
+    x = torch.randn(2, 7, E)
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    pad = torch.arange(7) >= torch.tensor([7, 4]).view(-1, 1)
+    calls = {"ranges": 0, "visible": 0}
+    to_ranges, visible = masks.to_ranges, masks.visible_keys
+    monkeypatch.setattr(masks, "to_ranges", lambda *a, **k: calls.__setitem__("ranges", calls["ranges"] + 1) or to_ranges(*a, **k))
+    monkeypatch.setattr(masks, "visible_keys", lambda *a, **k: calls.__setitem__("visible", calls["visible"] + 1) or visible(*a, **k))
+    encoder(x, mask=causal, src_key_padding_mask=pad)  # the encoder turns pad into one float mask for all layers
+    assert calls == {"ranges": 1, "visible": 2}  # the padding mask, and the attn_mask inside to_ranges
+    assert all(layer.self_attn.last_fallback is None for layer in encoder.layers)
+    torch.save(encoder, tmp_path / "encoder.pt")

@@ -19,12 +19,11 @@ import logging
 
 import torch
 
-from mmkernels.masks import RangeCache
+from mmkernels.masks import SHARED
 from mmkernels.ops import cross_attention
 
 NAME = "mmkernels"
 log = logging.getLogger("mmkernels.integrations.transformers")
-_ranges = RangeCache()
 _logged: set = set()
 
 
@@ -57,7 +56,7 @@ def fused_arguments(module, query, key, attention_mask, dropout, is_causal, kwar
         return dict(causal=bool(causal and Lq > 1), dropout_p=dropout), None
     if attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, :Lk]  # as sdpa does: static caches make longer masks
-    ranges, why = _ranges(attention_mask, B, Lq, Lk, bool_true_means="visible")
+    ranges, why = SHARED(attention_mask, B, Lq, Lk, bool_true_means="visible")
     if ranges is None:
         return None, why
     start, end, hidden = ranges

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmkernels.masks import RangeCache, visible_keys
+from mmkernels import masks
 from mmkernels.ops import cross_attention
 from mmkernels.ops._checks import InvalidInput
 
@@ -68,7 +68,6 @@ class CrossModalAttention(nn.Module):
         else:
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn  # one more key and value row of zeros
-        self._ranges = RangeCache()  # attn_mask -> per-row key ranges, once per mask tensor
         self.last_fallback = None  # why the last call took the SDPA path, or None when it ran fused
         self._reset_parameters()
 
@@ -180,11 +179,11 @@ class CrossModalAttention(nn.Module):
             query, key, value = (t.unsqueeze(dim) for t in (query, key, value))
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
             kv_lengths = kv_lengths.view(1) if kv_lengths is not None else None
-        merged, q, k, masks = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
+        merged, q, k, used_masks = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
         out = self.out_proj(merged)
         weights = None
         if need_weights:
-            weights = self._attention_weights(q, k, *masks, is_causal, average_attn_weights)
+            weights = self._attention_weights(q, k, *used_masks, is_causal, average_attn_weights)
         if unbatched:
             out = out.squeeze(0 if self.batch_first else 1)
             weights = weights.squeeze(0) if weights is not None else None
@@ -290,7 +289,7 @@ class CrossModalAttention(nn.Module):
         if key_padding_mask is not None:
             if key_padding_mask.is_floating_point() and torch.compiler.is_compiling():
                 return None, "a float key_padding_mask inside torch.compile (telling 0/-inf from a bias needs its values)"
-            visible = visible_keys(key_padding_mask, bool_true_means="hidden")
+            visible = masks.SHARED.visible(key_padding_mask, bool_true_means="hidden")
             if visible is None:
                 return None, "a float key_padding_mask with values other than 0 and -inf"
             args["key_padding_mask"] = ~visible
@@ -300,7 +299,7 @@ class CrossModalAttention(nn.Module):
             # stock trusts the hint and runs SDPA's is_causal (aligned top-left): row i sees j <= i
             end = torch.arange(1, Lq + 1, device=q.device).clamp(max=Lk).expand(B, Lq)
             return dict(args, kv_end=end), None
-        ranges, why = self._ranges(attn_mask, B, Lq, Lk, bool_true_means="hidden")
+        ranges, why = masks.SHARED(attn_mask, B, Lq, Lk, bool_true_means="hidden")
         if ranges is None:
             return None, f"attn_mask: {why}"
         start, end, hidden = ranges
