@@ -31,7 +31,13 @@ class CrossModalAttention(nn.Module):
     forward also takes kv_lengths (B,), the fast path for right-padded keys.
     need_weights=True (nn.MultiheadAttention's default) still works: the weights are computed
     by the reference path, which builds the (Lq, Lk) matrix; pass need_weights=False for speed.
-    When key is value, their projections run as one GEMM.
+    In training with dropout the returned weights are the ones before dropout. When key is
+    value, their projections run as one GEMM.
+
+    The rest of stock's contract is kept, tested by PyTorch's own MHA tests
+    (tests/test_torch_mha_contract.py): its errors and messages (ShapeError is also an
+    AssertionError), add_bias_kv / add_zero_attn, merge_masks, NestedTensor inputs (stock's
+    forward on these weights), TorchScript (torch's own attention math on these weights).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
