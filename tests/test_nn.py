@@ -317,3 +317,11 @@ def test_masks_are_converted_once_per_forward_and_layers_still_pickle(tmp_path, 
     assert calls == {"ranges": 1, "visible": 2}  # the padding mask, and the attn_mask inside to_ranges
     assert all(layer.self_attn.last_fallback is None for layer in encoder.layers)
     torch.save(encoder, tmp_path / "encoder.pt")
+
+
+def test_torchscript_kv_lengths_in_sequence_first_layout():
+    attn = CrossModalAttention(E, H, kdim=16, vdim=16).eval()  # (L, B, E) inputs
+    scripted = torch.jit.script(attn)
+    q, k = torch.randn(5, 3, E), torch.randn(7, 3, 16)
+    lengths = torch.tensor([7, 4, 1])
+    torch.testing.assert_close(scripted(q, k, k, kv_lengths=lengths)[0], attn(q, k, k, kv_lengths=lengths)[0], atol=1e-5, rtol=1e-4)

@@ -154,10 +154,12 @@ class CrossModalAttention(nn.Module):
     def _scripted_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                           need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
                           is_causal: bool, kv_lengths: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        if kv_lengths is not None:
-            lengths_mask = torch.arange(key.shape[-2], device=key.device) >= kv_lengths.unsqueeze(-1)
-            key_padding_mask = lengths_mask if key_padding_mask is None else key_padding_mask.logical_or(lengths_mask)
         batched = query.dim() == 3
+        if kv_lengths is not None:
+            lengths_mask = _lengths_mask(kv_lengths, key.shape[1] if self.batch_first and batched else key.shape[0])
+            if not batched:
+                lengths_mask = lengths_mask.view(-1)
+            key_padding_mask = lengths_mask if key_padding_mask is None else key_padding_mask.logical_or(lengths_mask)
         if self.batch_first and batched:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         out, weights = F.multi_head_attention_forward(
@@ -263,7 +265,7 @@ class CrossModalAttention(nn.Module):
         stock appends them; every query sees them, so the masks grow by visible columns."""
         B, H, Lk, Dh = k.shape
         if kv_lengths is not None:
-            lengths_mask = torch.arange(Lk, device=k.device) >= kv_lengths.view(B, 1)
+            lengths_mask = _lengths_mask(kv_lengths, Lk)
             if key_padding_mask is None:
                 key_padding_mask = lengths_mask
             elif key_padding_mask.dtype == torch.bool:
@@ -339,6 +341,11 @@ class CrossModalAttention(nn.Module):
         return probs.mean(1) if average else probs
 
 
+def _lengths_mask(kv_lengths: Tensor, kv_len: int) -> Tensor:
+    """(B, kv_len) bool, True = hidden: the keys at or past each batch element's length."""
+    return torch.arange(kv_len, device=kv_lengths.device) >= kv_lengths.view(-1, 1)
+
+
 def _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal):
     """nn.MultiheadAttention's masks (bool True = not allowed, or float added to the scores)
     merged into one float mask of shape (B, H, Lq, Lk) for the fallback path."""
@@ -353,7 +360,7 @@ def _additive_mask(q, k, key_padding_mask, attn_mask, kv_lengths, is_causal):
     if key_padding_mask is not None:
         add(key_padding_mask.view(B, 1, 1, Lk))
     if kv_lengths is not None:
-        add((torch.arange(Lk, device=q.device) >= kv_lengths.view(B, 1)).view(B, 1, 1, Lk))
+        add(_lengths_mask(kv_lengths, Lk).view(B, 1, 1, Lk))
     if attn_mask is not None:
         add(attn_mask.view(B, H, Lq, Lk) if attn_mask.dim() == 3 else attn_mask)
     return mask.to(q.dtype)
