@@ -81,8 +81,15 @@ def cpu_vector_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if enabled else []
 
 
+def listed_sources(suffix: str) -> list[str]:
+    """csrc/sources.txt, the one list of sources CMake reads too."""
+    with open(os.path.join(ROOT, "csrc", "sources.txt")) as f:
+        lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return [f"csrc/{line}" for line in lines if line.endswith(suffix)]
+
+
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/module.cpp", *listed_sources(".cpp")]
     torch_version = torch.__version__.split("+")[0]
     macros = [("MMKERNELS_VERSION", f'"{VERSION}"'), ("MMKERNELS_TORCH_VERSION", torch_version)]
     # -fopenmp: at::parallel_for is header code that parallelises with `#pragma omp parallel`;
@@ -103,7 +110,7 @@ def extension():
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", *gencode]
     return CUDAExtension(
         "mmkernels._C",
-        sources + sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True)),
+        sources + listed_sources(".cu"),
         define_macros=macros,
         include_dirs=cuda_library_headers(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},

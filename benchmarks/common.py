@@ -4,7 +4,7 @@ Under --benchmark-disable (CI) each case runs once, as a smoke test."""
 import pytest
 import torch
 
-from mmkernels.bench.runner import TOLERANCE, _call
+from mmkernels.bench.runner import TOLERANCE, timed_call
 
 
 def run(benchmark, case, provider_name, device, dtype, providers):
@@ -21,7 +21,7 @@ def run(benchmark, case, provider_name, device, dtype, providers):
         expected = torch.nan_to_num(next(iter(provs.values()))(*inputs).float())  # the oracle: the first provider
         err = (torch.nan_to_num(got.float()) - expected).abs().max().item() if got.numel() else 0.0
         assert err <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), f"{provider_name}: max error {err:.3g}"
-    fn = _call(case, provs[provider_name], inputs, dtype)
+    fn = timed_call(case, provs[provider_name], inputs)
     if device.type == "cuda":
         torch.cuda.synchronize()
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)

@@ -1,5 +1,6 @@
-"""Regenerates the README's performance section from benchmarks/results/*.csv, so the numbers
-there are always the committed measurements: python benchmarks/make_readme.py"""
+"""Regenerates the README's generated sections: the support table from the ops' specs
+(mmkernels/spec.py) and the performance section from benchmarks/results/*.csv, so both are
+always what the code declares and what was measured: python benchmarks/make_readme.py"""
 import collections
 import csv
 import glob
@@ -8,6 +9,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SUPPORT_START, SUPPORT_END = "<!-- support:start -->", "<!-- support:end -->"
 PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
 
 
@@ -53,13 +55,25 @@ def section(path):
     return "\n".join(out)
 
 
+def replace_between(text, start, end, body):
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body}\n{end}", text, flags=re.S)
+
+
+def support_section():
+    import mmkernels  # noqa: F401  (registers every op's spec)
+    from mmkernels.spec import support_table
+
+    return support_table()
+
+
 def main():
     paths = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.csv")), key=lambda p: (p.endswith("-load.csv"), p))
     body = "\n\n".join(filter(None, (section(p) for p in paths))) or "No results committed yet."
     readme_path = os.path.join(ROOT, "README.md")
     with open(readme_path) as f:
         readme = f.read()
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{body}\n{END}", readme, flags=re.S)
+    new = replace_between(readme, START, END, body)
+    new = replace_between(new, SUPPORT_START, SUPPORT_END, support_section())
     with open(readme_path, "w") as f:
         f.write(new)
 

@@ -2,10 +2,10 @@
 import pytest
 
 from common import run
-from mmkernels.bench.fusion import FusionCase, providers
+from mmkernels.bench.concat_weighted_fusion import ConcatWeightedFusionCase, providers
 
 PROVIDERS = ["mmkernels-cpu", "mmkernels-triton", "mmkernels-cuda", "eager", "compile"]
-CASES = [FusionCase(M, rows, D, mode) for (M, rows, D) in [(2, 4096, 256), (3, 8192, 768)] for mode in ("fwd", "fwd+bwd")]
+CASES = [ConcatWeightedFusionCase(M, rows, D, mode) for (M, rows, D) in [(2, 4096, 256), (3, 8192, 768)] for mode in ("fwd", "fwd+bwd")]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -2,7 +2,7 @@
 import pytest
 
 from common import run
-from mmkernels.bench.attention import AttentionCase, providers
+from mmkernels.bench.cross_attention import AttentionCase, providers
 
 PROVIDERS = ["mmkernels-cpu", "mmkernels-triton", "mmkernels-cuda", "eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "compile"]
 CASES = [

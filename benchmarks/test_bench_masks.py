@@ -4,7 +4,7 @@ sizes (mmkernels.bench.suites.mask_cases)."""
 import pytest
 
 from common import run
-from mmkernels.bench.attention import MaskedAttentionCase
+from mmkernels.bench.cross_attention import MaskedAttentionCase
 from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
 from mmkernels.bench.runner import providers_of
 

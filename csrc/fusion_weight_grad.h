@@ -9,12 +9,14 @@
 #include <algorithm>
 #include <tuple>
 
+#include "limits.h"
+
 namespace mmkernels {
 
 inline std::tuple<at::Tensor, at::Tensor> fusion_weight_grad(const at::Tensor& dlogits,
                                                              at::TensorList features,
                                                              const at::Tensor& weight) {
-  constexpr int64_t kChunk = 8192;
+  constexpr int64_t kChunk = limits::kWeightGradChunk;  // the triton backend sums in the same chunks
   const int64_t rows = dlogits.size(0);
   at::Tensor grad_weight = at::zeros({dlogits.size(1), weight.size(1)}, dlogits.options());
   int64_t off = 0;

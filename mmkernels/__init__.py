@@ -34,7 +34,7 @@ _C = _load_extension()  # loads the operator schemas and the C++ kernels
 from mmkernels.backends import BackendUnavailable, available_backends, use_backend
 from mmkernels.info import info
 from mmkernels.ops import attention_dropout_mask, co_attention, concat_weighted_fusion, cross_attention, decision_fusion, gated_fusion, linear_fusion
-from mmkernels.ops._checks import InvalidInput
+from mmkernels.ops.checks import InvalidInput
 from mmkernels import nn  # noqa: E402
 from mmkernels.patch import PatchReport, patch, unpatch
 

@@ -39,11 +39,11 @@ def test_matches_two_cross_attention_calls(backend, lengths):
 
 
 def test_triton_runs_both_directions_in_one_launch(monkeypatch):
-    from mmkernels.backends.triton import attention
+    from mmkernels.backends.triton import co_attention, cross_attention
 
     launched = []
-    for name in ("_fwd_kernel", "_fwd_co_kernel"):
-        kernel = getattr(attention, name)
+    for module, name in ((cross_attention, "_fwd_kernel"), (co_attention, "_fwd_co_kernel")):
+        kernel = getattr(module, name)
 
         class Spy:
             def __init__(self, k, n):
@@ -53,7 +53,7 @@ def test_triton_runs_both_directions_in_one_launch(monkeypatch):
                 launched.append(self.n)
                 return self.k[grid]
 
-        monkeypatch.setattr(attention, name, Spy(kernel, name))
+        monkeypatch.setattr(module, name, Spy(kernel, name))
     a, b = modalities()
     mmkernels.co_attention(*a, *b, backend="triton")
     assert launched == ["_fwd_co_kernel"]

@@ -10,10 +10,12 @@ import torch
 import mmkernels
 import test_concat_weighted_fusion
 import test_cross_attention
-import test_fusion_family
+import test_decision_fusion
+import test_linear_fusion
 import test_hostile_inputs
 from attention_cases import EDGE_CASES, Case
 from fusion_cases import FusionCase
+from tolerance import check_against_composite
 from mmkernels.backends import BackendUnavailable, native
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check on a GPU machine)")
@@ -107,13 +109,36 @@ def test_fusion_family_matches_reference(backend, dtype):
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(64, 100, generator=g).cuda() for _ in range(3)]
     weights = torch.rand(3, generator=g).cuda()
-    test_fusion_family.check(lambda t: mmkernels.decision_fusion(t[:3], t[3], mode="prob", backend=backend),
-                             lambda t: test_fusion_family.decision_composite(t[:3], t[3], "prob"), [*logits, weights], dtype)
+    check_against_composite(lambda t: mmkernels.decision_fusion(t[:3], t[3], mode="prob", backend=backend),
+                            lambda t: test_decision_fusion.decision_composite(t[:3], t[3], "prob"), [*logits, weights], dtype)
     feats = [torch.randn(64, w, generator=g).cuda() for w in (32, 48)]
     ws = [torch.randn(40, w, generator=g).cuda() * 0.1 for w in (32, 48)]
     bias = torch.randn(40, generator=g).cuda()
-    test_fusion_family.check(lambda t: mmkernels.linear_fusion(t[:2], t[2:4], t[4], activation="gelu", backend=backend),
-                             lambda t: test_fusion_family.linear_composite(t[:2], t[2:4], t[4], "gelu"), [*feats, *ws, bias], dtype)
+    check_against_composite(lambda t: mmkernels.linear_fusion(t[:2], t[2:4], t[4], activation="gelu", backend=backend),
+                            lambda t: test_linear_fusion.linear_composite(t[:2], t[2:4], t[4], "gelu"), [*feats, *ws, bias], dtype)
+
+
+@COMPILED_TRITON
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_forward_makes_no_host_sync(backend):
+    """Lengths, ranges and masks stay on the device: no check reads them on the host (a sync
+    per call would stall pipelines and CUDA graphs). After a warm-up call (autotuning may sync)."""
+    q, k, v, kw = Case(D=64, kv_lengths=True, q_lengths=True, key_padding_mask=True).make(torch.float16, "cuda")
+    feats = [torch.randn(64, 32, device="cuda", dtype=torch.float16) for _ in range(3)]
+    w = torch.randn(3, 96, device="cuda", dtype=torch.float16)
+    calls = [lambda: mmkernels.cross_attention(q, k, v, **kw, backend=backend),
+             lambda: mmkernels.concat_weighted_fusion(feats, w, backend=backend)]
+    if backend == "triton":
+        calls.append(lambda: mmkernels.decision_fusion(feats, torch.rand(3, device="cuda"), backend=backend))
+    for call in calls:
+        runs(backend, call)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            runs(backend, call)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 @COMPILED_TRITON

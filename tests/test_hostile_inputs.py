@@ -12,7 +12,7 @@ import torch
 
 import mmkernels
 from attention_cases import Case, composite
-from mmkernels.ops._checks import InvalidInput
+from mmkernels.ops.checks import InvalidInput
 from tolerance import assert_close
 
 ATTENTION_BACKENDS = ["cpu", "reference", "triton"]
@@ -139,9 +139,9 @@ def test_fusion_ops_take_transposed_weights_and_strided_biases(backend):
                                                       lb.contiguous(), backend="reference"), atol=1e-5, rtol=1e-4)
     x, h, w = r(5, 3), r(5, 4), r(4, 3).t()
     mask = r(10)[::2]
-    torch.testing.assert_close(mmkernels.ops.gated_residual_linear(x, h, w, lb, torch.tensor([0.3]), mask, backend=backend),
-                               mmkernels.ops.gated_residual_linear(x, h, w.contiguous(), lb.contiguous(), torch.tensor([0.3]),
-                                                                   mask.contiguous(), backend="reference"), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mmkernels.ops.gated_residual_linear(x, h, w, lb, gate=torch.tensor([0.3]), row_mask=mask, backend=backend),
+                               mmkernels.ops.gated_residual_linear(x, h, w.contiguous(), lb.contiguous(), gate=torch.tensor([0.3]),
+                                                                   row_mask=mask.contiguous(), backend="reference"), atol=1e-5, rtol=1e-4)
 
 
 # --- 4. hidden keys never influence anything --------------------------------------------------
@@ -287,7 +287,7 @@ def op_calls():
     yield "decision_fusion", [r(3, 4), r(3, 4)], lambda a, b: mmkernels.decision_fusion([a, b], backend="cpu")
     yield "gated_fusion", [r(3, 4), r(3, 5), r(6, 4), r(6, 5), r(6, 9)], lambda *t: mmkernels.gated_fusion(*t, backend="cpu")
     yield ("gated_residual_linear", [r(3, 6), r(3, 4), r(6, 4), r(1)],
-           lambda x, h, w, g: mmkernels.ops.gated_residual_linear(x, h, w, None, g, backend="cpu"))
+           lambda x, h, w, g: mmkernels.ops.gated_residual_linear(x, h, w, None, gate=g, backend="cpu"))
 
 
 @pytest.mark.parametrize("name,inputs,fn", list(op_calls()), ids=[c[0] for c in op_calls()])
@@ -329,7 +329,7 @@ def test_learnable_temperature_gets_its_gradient(backend):
 def test_float_row_mask_gets_its_gradient(backend):
     x, h, w, gate = torch.randn(4, 6), torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0.4])
     mask = torch.rand(4, requires_grad=True)
-    out = mmkernels.ops.gated_residual_linear(x, h, w, None, gate, mask, backend=backend)
+    out = mmkernels.ops.gated_residual_linear(x, h, w, None, gate=gate, row_mask=mask, backend=backend)
     (g,) = torch.autograd.grad(out.square().sum(), mask)
     m2 = mask.detach().clone().requires_grad_()
     want = x + torch.tanh(gate) * m2[:, None] * (h @ w.T)
@@ -374,7 +374,7 @@ def test_gated_residual_linear_float64_gate_gradient_is_float64():
     args = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     gate = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, h, w, g: mmkernels.ops.gated_residual_linear(x, h, w, None, g, backend="cpu"),
+    assert torch.autograd.gradcheck(lambda x, h, w, g: mmkernels.ops.gated_residual_linear(x, h, w, None, gate=g, backend="cpu"),
                                     (*args, w, gate))
 
 

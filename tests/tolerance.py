@@ -18,3 +18,19 @@ def assert_close(name, got, composite, reference, dtype):
     err, base = max_err(got, reference), max_err(composite, reference)
     bound = 2 * base + FLOOR[dtype]
     assert err <= bound, f"{name}: error {err:.3g} > 2 x composite error {base:.3g} + floor {FLOOR[dtype]:g}"
+
+
+def check_against_composite(fn, composite, tensors, dtype):
+    """fn and composite take the same list of leaf tensors: fn's output and gradients against the
+    composite's in dtype and in float64."""
+    leaves = [t.to(dtype).requires_grad_() for t in tensors]
+    wide = [t.double().requires_grad_() for t in tensors]
+    plain = [t.to(dtype).requires_grad_() for t in tensors]
+    out, ref, comp = fn(leaves), composite(wide), composite(plain)
+    assert_close("out", out, comp, ref, dtype)
+    if out.numel():
+        g = torch.randn_like(ref)
+        for a, c, r in zip(torch.autograd.grad(out, leaves, g.to(dtype), allow_unused=True),
+                           torch.autograd.grad(comp, plain, g.to(dtype), allow_unused=True),
+                           torch.autograd.grad(ref, wide, g, allow_unused=True)):
+            assert_close("grad", a, c, r, dtype)

@@ -82,7 +82,8 @@ def _t(shape, dtype, scale=1.0):
 
 
 def attention_cases(dtypes, head_dims, variants, co=True):
-    from mmkernels.backends.triton import attention as A
+    from mmkernels.backends.triton import co_attention as C
+    from mmkernels.backends.triton import cross_attention as A
 
     from mmkernels.backends import triton as triton_backend
     from mmkernels.backends.base import Problem
@@ -113,14 +114,19 @@ def attention_cases(dtypes, head_dims, variants, co=True):
         co = (q, kb, kb, qb, k, k, lengths, lengths, ranges, None, None, None, 0.125)
 
         def co_run(co=co):
-            out_a, lse_a, out_b, lse_b = A.co_attention(*co)
-            A.co_attention_backward(out_a, out_b, *co[:6], out_a, lse_a, out_b, lse_b, *co[6:])
+            out_a, lse_a, out_b, lse_b = C.co_attention(*co)
+            C.co_attention_backward(out_a, out_b, *co[:6], out_a, lse_a, out_b, lse_b, *co[6:])
 
         yield f"co_attention {variant} {str(dtype)[6:]} hd{D}", co_run
 
 
 def fusion_cases(dtypes, modalities):
-    from mmkernels.backends.triton import decision, epilogue, fusion, gated, linear
+    from mmkernels.backends.triton import concat_weighted_fusion as fusion
+    from mmkernels.backends.triton import decision_fusion as decision
+    from mmkernels.backends.triton import gated_fusion as gated
+    from mmkernels.backends.triton import gated_residual_linear as epilogue
+    from mmkernels.backends.triton import linear_fusion as linear
+    from mmkernels.limits import ACTIVATIONS
 
     for dtype, M in itertools.product(dtypes, modalities):
         rows, dims = 300, [64 + 32 * i for i in range(M)]
@@ -142,7 +148,7 @@ def fusion_cases(dtypes, modalities):
             yield (f"decision_fusion M{M} {'prob' if prob else 'logit'} {str(dtype)[6:]}",
                    lambda prob=prob: decision.decision_fusion_backward(decision.decision_fusion(logits, weights, prob), logits, weights, prob))
         ws = [_t((256, d), dtype) for d in dims]
-        yield f"linear_fusion M{M} gelu {str(dtype)[6:]}", lambda: linear.linear_fusion(feats, ws, bias.new_zeros(256), 2)
+        yield f"linear_fusion M{M} gelu {str(dtype)[6:]}", lambda: linear.linear_fusion(feats, ws, bias.new_zeros(256), ACTIVATIONS.index("gelu"))
     for dtype in dtypes:
         xa, xb = _t((300, 128), dtype), _t((300, 96), dtype)
         wa, wb, wz = _t((256, 128), dtype), _t((256, 96), dtype), _t((256, 224), dtype)

@@ -5,8 +5,8 @@
 // of both lengths. Keys that no query row sees hold NaN: they must never reach a result.
 #include "gpu_emulator.h"
 
-#include "../cuda/attention/backward.cuh"
-#include "../cuda/attention/forward.cuh"
+#include "../cuda/cross_attention/backward.cuh"
+#include "../cuda/cross_attention/forward.cuh"
 #include "../philox.h"
 
 #include <cstdio>

@@ -5,7 +5,7 @@
 // The weight gradient is a cuBLAS reduction on the host side and is not covered here.
 #include "gpu_emulator.h"
 
-#include "../cuda/concat_weighted_fusion.cuh"
+#include "../cuda/concat_weighted_fusion/concat_weighted_fusion.cuh"
 
 #include <cstdio>
 #include <random>

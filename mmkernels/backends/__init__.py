@@ -1,11 +1,13 @@
 """Backend choice, with reasons.
 
-Every backend implements the same four kernels (cross_attention and concat_weighted_fusion,
-forward and backward) and answers `why_not(problem, explicit)`: None when it can run the
-inputs, else the reason it can't. The choice, in order of precedence: the `backend=` argument,
-then `use_backend(...)`, then the MMKERNELS_BACKEND environment variable, then "auto", which
-takes the first backend of AUTO_ORDER that can run the inputs. A named backend that can't run
-them raises BackendUnavailable with its reason and the backends that could.
+A backend is a family of kernels with its own device rules: `reference` (PyTorch composites,
+any device), `cpu` and `cuda` (the C++ operators), `triton`. Which ops a backend runs, and on
+what inputs, is declared per op in its OpSpec (mmkernels/spec.py); `why_not(name, problem,
+explicit)` joins the backend's own rules with that table and gives every failing reason. The
+choice, in order of precedence: the `backend=` argument, then `use_backend(...)`, then the
+MMKERNELS_BACKEND environment variable, then "auto", which takes the first backend of AUTO_ORDER
+that can run the inputs. A named backend that can't run them raises BackendUnavailable with its
+reasons and the backends that could.
 """
 import contextlib
 import contextvars
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+from mmkernels import spec as specs
 from mmkernels.backends import native, reference
 from mmkernels.backends.base import Problem
 
@@ -29,22 +32,41 @@ class BackendUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    why_not: Callable[[Problem, bool], str | None]
-    load: Callable[[], ModuleType]  # the module with the four kernels, imported on first use
+    devices: str  # for people: where it runs
+    rules: Callable[[Problem, bool], list[str]]  # why not, whatever the op
+    module: Callable[[str], ModuleType]  # op name -> the module with its kernels, imported on first use
 
 
-def _triton_why_not(p: Problem, explicit: bool) -> str | None:
-    from mmkernels.backends.triton import why_not
+def _triton_rules(p: Problem, explicit: bool) -> list[str]:
+    from mmkernels.backends import triton
 
-    return why_not(p, explicit)
+    return triton.rules(p, explicit)
 
 
 BACKENDS = {
-    "cuda": Backend("cuda", native.why_not_cuda, lambda: native),
-    "triton": Backend("triton", _triton_why_not, lambda: importlib.import_module("mmkernels.backends.triton.kernels")),
-    "cpu": Backend("cpu", native.why_not_cpu, lambda: native),
-    "reference": Backend("reference", lambda p, explicit: None, lambda: reference),
+    "cuda": Backend("cuda", "cuda", native.cuda_rules, lambda op: native),
+    "triton": Backend("triton", "cuda, or cpu under TRITON_INTERPRET=1", _triton_rules,
+                      lambda op: importlib.import_module(f"mmkernels.backends.triton.{op}")),
+    "cpu": Backend("cpu", "cpu", native.cpu_rules, lambda op: native),
+    "reference": Backend("reference", "any", lambda p, explicit: [], lambda op: reference),
 }
+
+
+def why_not(name: str, p: Problem, explicit: bool = False) -> str | None:
+    """None if backend `name` can run Problem p, else every reason it can't, joined by '; '."""
+    why = BACKENDS[name].rules(p, explicit)
+    capability = specs.SPECS[p.op].backends.get(name) if p.op in specs.SPECS else None
+    if capability is None:
+        why.append(f"no {name} {p.op} kernel in this version")
+    else:
+        why += capability.reasons(p, explicit)
+    return "; ".join(why) or None
+
+
+def kernel(backend: str, name: str) -> Callable:
+    """Backend's kernel `name` (an op, or <op>_backward)."""
+    return getattr(BACKENDS[backend].module(name.removesuffix("_backward")), name)
+
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkernels_backend", default=None)
 
@@ -76,17 +98,17 @@ def requested(backend: str) -> str:
 
 def reasons(p: Problem, explicit: bool = False) -> dict[str, str | None]:
     """For every backend: None if it can run the problem, else why not."""
-    return {name: b.why_not(p, explicit) for name, b in BACKENDS.items()}
+    return {name: why_not(name, p, explicit) for name in BACKENDS}
 
 
 def choose(p: Problem, backend: str = "") -> str:
     name = requested(backend)
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if BACKENDS[candidate].why_not(p, False) is None:
+            if why_not(candidate, p, False) is None:
                 return candidate
         raise BackendUnavailable(f"no backend can run {p.op} on {p}: {reasons(p)}")
-    why = BACKENDS[name].why_not(p, True)
+    why = why_not(name, p, True)
     if why is not None:
         able = [n for n, r in reasons(p).items() if r is None]
         raise BackendUnavailable(
@@ -96,17 +118,10 @@ def choose(p: Problem, backend: str = "") -> str:
     return name
 
 
-def kernels(name: str) -> ModuleType:
-    return BACKENDS[name].load()
-
-
 def available_backends(device: str = "cpu") -> list[str]:
-    """Backends that can run a float32 problem on `device` (named explicitly)."""
+    """Backends that can run some op on float32 inputs on `device` when named explicitly."""
     import torch
 
-    available = []
-    for name, b in BACKENDS.items():
-        probes = [Problem(op, torch.device(device), torch.float32, 64, 2) for op in ("cross_attention", "concat_weighted_fusion")]
-        if any(b.why_not(p, True) is None for p in probes):
-            available.append(name)
-    return available
+    dev = torch.device(device)
+    probes = [Problem(op, dev, torch.float32, head_dim=64, modalities=2) for op in specs.SPECS]
+    return [name for name in BACKENDS if any(why_not(name, p, True) is None for p in probes)]

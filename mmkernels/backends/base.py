@@ -24,13 +24,14 @@ def stats_shape(dtype: torch.dtype, rows: tuple) -> tuple:
 
 @dataclass(frozen=True)
 class Problem:
-    """The facts about one call that decide which backends can run it."""
+    """The facts about one call that decide which backends can run it (mmkernels/spec.py
+    Capability says which facts each backend's kernels of an op take)."""
 
-    op: str  # "cross_attention" or "concat_weighted_fusion"
+    op: str  # the op's name, a key of mmkernels.spec.SPECS
     device: torch.device
     dtype: torch.dtype
-    head_dim: int = 0  # cross_attention
-    modalities: int = 0  # concat_weighted_fusion
+    head_dim: int = 0  # attention ops (cross_attention, co_attention); 0 for the rest
+    modalities: int = 0  # the fusion ops: how many modalities (gated_fusion: 2); 0 for attention
     aligned: bool = True  # every row of the attention operands starts on a 16-byte boundary
 
     @staticmethod

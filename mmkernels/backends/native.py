@@ -10,48 +10,34 @@ from mmkernels.backends.base import Problem, co_attention_backward_by_two_calls,
 _native = torch.ops.mmkernels
 
 CUDA_COMPILED = "cuda" in _C.compiled_backends
-CUDA_MAX_MODALITIES = 8
-CUDA_ATTENTION_HEAD_DIMS = (64, 128)
-# The tensor-core attention kernels (csrc/cuda/attention) are compiled in CI and their logic runs
-# there on the CPU (csrc/test/test_attention_emulated.cpp), but they have not yet run on a GPU:
-# the PTX itself, asynchronous copies and speed are unproven. Until the GPU suite
-# (tests/test_cuda_backend.py) has passed on one, auto leaves attention on CUDA to the triton
-# backend and only an explicit backend="cuda" runs them.
+# The tensor-core attention kernels (csrc/cuda/cross_attention) are compiled in CI and their logic
+# runs there on the CPU (csrc/test/test_attention_emulated.cpp), but they have not yet run on a
+# GPU: the PTX itself, asynchronous copies and speed are unproven. Until the GPU suite
+# (tests/test_cuda_backend.py) has passed on one, their capability says auto=False: auto leaves
+# attention on CUDA to the triton backend and only an explicit backend="cuda" runs them.
 CUDA_ATTENTION_VERIFIED = False
 
 
+def cpu_rules(p: Problem, explicit: bool) -> list[str]:
+    return [] if p.device.type == "cpu" else [f"runs on cpu tensors, got {p.device.type}"]
+
+
+def cuda_rules(p: Problem, explicit: bool) -> list[str]:
+    if not CUDA_COMPILED:
+        return ["this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"]
+    return [] if p.device.type == "cuda" else [f"runs on cuda tensors, got {p.device.type}"]
+
+
 def why_not_cpu(p: Problem, explicit: bool) -> str | None:
-    if p.device.type != "cpu":
-        return f"runs on cpu tensors, got {p.device.type}"
-    return None
+    from mmkernels.backends import why_not
+
+    return why_not("cpu", p, explicit)
 
 
 def why_not_cuda(p: Problem, explicit: bool) -> str | None:
-    if not CUDA_COMPILED:
-        return "this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"
-    if p.device.type != "cuda":
-        return f"runs on cuda tensors, got {p.device.type}"
-    if p.op in ("cross_attention", "co_attention"):
-        return _why_not_cuda_attention(p, explicit)
-    if p.op == "decision_fusion":
-        return f"no CUDA C++ {p.op} kernel in this version (the triton backend covers CUDA)"
-    if p.op == "concat_weighted_fusion" and p.dtype == torch.float64:
-        return "accumulates in fp32, so float64 is left to the reference backend"
-    if p.op == "concat_weighted_fusion" and p.modalities > CUDA_MAX_MODALITIES:
-        return f"supports at most {CUDA_MAX_MODALITIES} modalities, got {p.modalities}"
-    return None
+    from mmkernels.backends import why_not
 
-
-def _why_not_cuda_attention(p: Problem, explicit: bool) -> str | None:
-    if p.dtype not in (torch.float16, torch.bfloat16):
-        return f"the tensor-core attention kernel takes float16 and bfloat16, got {p.dtype} (triton and reference take it)"
-    if p.head_dim not in CUDA_ATTENTION_HEAD_DIMS:
-        return f"the attention kernel is built for head dims {CUDA_ATTENTION_HEAD_DIMS}, got {p.head_dim} (triton takes more)"
-    if not p.aligned:
-        return "q, k and v rows must start on 16-byte boundaries (an aligned start, strides in multiples of 8 elements)"
-    if not explicit and not CUDA_ATTENTION_VERIFIED:
-        return "the attention kernel has not yet run on a GPU, so auto leaves it out; backend='cuda' runs it"
-    return None
+    return why_not("cuda", p, explicit)
 
 
 def cross_attention(q, k, v, *visibility):

@@ -5,7 +5,7 @@ import functools
 import torch
 
 from mmkernels.backends.base import acc_dtype, co_attention_backward_by_two_calls, co_attention_by_two_calls, stats_shape
-
+from mmkernels.limits import ACTIVATIONS
 
 # Philox4x32-10, the counter-based generator of attention dropout. Every backend draws the same
 # numbers (Triton's tl.philox, csrc/philox.h): for batch b, query head h, query row i and key j,
@@ -219,7 +219,9 @@ def decision_fusion_backward(grad_out, logits, weights, prob):
     return grads, torch.stack(grad_weights)
 
 
-_ACTIVATIONS = (lambda x: x, torch.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.tanh, torch.sigmoid)
+_FUNCTIONS = {None: lambda x: x, "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+_ACTIVATIONS = [_FUNCTIONS[name] for name in ACTIVATIONS]  # by the operator's activation index
 
 
 def linear_fusion(features, weights, bias, activation):
@@ -232,14 +234,15 @@ def linear_fusion(features, weights, bias, activation):
 
 def _activation_derivative(x, activation):
     """d act / dx at x, written out (an op's kernel runs below autograd, so it cannot ask it)."""
-    if activation == 1:
+    name = ACTIVATIONS[activation]
+    if name == "relu":
         return (x > 0).to(x.dtype)
-    if activation == 2:  # gelu(x) = x Phi(x)
+    if name == "gelu":  # gelu(x) = x Phi(x)
         return 0.5 * (1 + torch.erf(x / 2**0.5)) + x * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
-    if activation == 3:  # silu(x) = x sigmoid(x)
+    if name == "silu":  # silu(x) = x sigmoid(x)
         s = torch.sigmoid(x)
         return s * (1 + x * (1 - s))
-    if activation == 4:
+    if name == "tanh":
         return 1 - torch.tanh(x) ** 2
     s = torch.sigmoid(x)
     return s * (1 - s)

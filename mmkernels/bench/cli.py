@@ -6,10 +6,17 @@ import os
 import torch
 
 
+def op_choices() -> list[str]:
+    """Every declared op (mmkernels/spec.py), then the whole-layer cases."""
+    from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
+    from mmkernels.spec import SPECS
+
+    return [*SPECS, MllamaLayerCase.op, DecoderTrainCase.op]
+
+
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--full", action="store_true", help="the long sweep, with every peer")
-    parser.add_argument("--op", choices=["cross_attention", "co_attention", "concat_weighted_fusion", "decision_fusion", "linear_fusion",
-                                         "mllama_cross_layer", "transformer_decoder_train"], help="only this op")
+    parser.add_argument("--op", choices=op_choices(), help="only this op (or whole-layer case)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and plots")

@@ -153,8 +153,9 @@ class DecoderTrainCase:
 
 def decoder_providers(case, device, dtype):
     """Stock and patched decoders with the same weights, both in training mode."""
-    import mmkernels
     from torch import nn
+
+    import mmkernels
 
     torch.manual_seed(0)
     layer = nn.TransformerDecoderLayer(case.d_model, case.heads, 4 * case.d_model, batch_first=True)

@@ -1,18 +1,10 @@
 """Runs one case: builds the inputs, checks every provider against the oracle (the first
 provider, the eager composite), then times each and measures its peak memory."""
 import dataclasses
+import importlib
 
 import torch
 
-from mmkernels.bench import attention, family, fusion
-
-PROVIDERS = {
-    "cross_attention": attention.providers,
-    "co_attention": attention.co_providers,
-    "concat_weighted_fusion": fusion.providers,
-    "decision_fusion": family.providers,
-    "linear_fusion": family.providers,
-}
 from mmkernels.bench.measure import peak_memory_mib, time_ms
 
 TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-8, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -29,7 +21,7 @@ class Result:
     note: str = ""  # why there is no time: "n/a: ..." or "WRONG: ..."
 
 
-def _call(case, provider, inputs, dtype):
+def timed_call(case, provider, inputs):
     """A zero-argument callable for the case's mode; fwd+bwd differentiates the leaves the
     case names."""
     if case.mode == "fwd":
@@ -46,8 +38,9 @@ def unit(case) -> str:
 
 def providers_of(case, device, dtype, full):
     """name -> callable(*inputs); the first is the correctness oracle. A case class may bring its
-    own peers (`peers`), else its op's."""
-    return (getattr(case, "peers", None) or PROVIDERS[case.op])(case, device, dtype, full)
+    own peers (`peers`), else its op's (mmkernels/bench/<op>.py `providers`)."""
+    peers = getattr(case, "peers", None) or importlib.import_module(f"mmkernels.bench.{case.op}").providers
+    return peers(case, device, dtype, full)
 
 
 def run_case(case, device, dtype, full=False):
@@ -71,7 +64,7 @@ def run_case(case, device, dtype, full=False):
                 if not err <= TOLERANCE[dtype] * max(1.0, oracle.abs().max().item()):
                     r.note = f"WRONG: max error {err:.3g}"
                     continue
-            fn = _call(case, provider, inputs, dtype)
+            fn = timed_call(case, provider, inputs)
             if case.memory_only:
                 import time
 

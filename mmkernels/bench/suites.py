@@ -1,12 +1,16 @@
 """The curated sweeps: what `mmkernels bench` runs for the device it finds."""
-from mmkernels.bench.attention import AttentionCase, CoAttentionCase, MaskedAttentionCase
-from mmkernels.bench.family import DecisionCase, LinearCase
-from mmkernels.bench.fusion import FusionCase
+from mmkernels.bench.co_attention import CoAttentionCase
+from mmkernels.bench.concat_weighted_fusion import ConcatWeightedFusionCase
+from mmkernels.bench.cross_attention import AttentionCase, MaskedAttentionCase
+from mmkernels.bench.decision_fusion import DecisionCase
+from mmkernels.bench.gated_fusion import GatedFusionCase
+from mmkernels.bench.gated_residual_linear import GatedResidualCase
+from mmkernels.bench.linear_fusion import LinearCase
 from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
 
 
 def mask_cases(device_type: str):
-    """The masks real models pass (the fast-path issue's cases): two interleaved images as
+    """The masks real models pass: two interleaved images as
     per-row key ranges, a right-padded key_padding_mask against the equal kv_lengths, and a
     Llama-3.2-Vision cross-attention layer at real widths."""
     D = 64 if device_type == "cpu" else 128
@@ -21,17 +25,20 @@ def mask_cases(device_type: str):
 
 def cpu_cases(full: bool):
     cases = [
-        # The foundation issue's CPU targets (fp32, 2 cores).
+        # The CPU targets of the design card (fp32, 2 cores).
         AttentionCase(4, 8, 128, 1024, 64, padded=True, mode="fwd"),
         AttentionCase(4, 8, 128, 1024, 64, padded=True, mode="fwd+bwd"),
         AttentionCase(4, 8, 128, 1024, 64, padded=False, mode="fwd"),
         AttentionCase(1, 8, 4096, 4096, 64, padded=False, mode="fwd+bwd", memory_only=True),
-        FusionCase(3, 65536, 768, mode="fwd"),
-        FusionCase(3, 65536, 768, mode="fwd+bwd"),
+        ConcatWeightedFusionCase(3, 65536, 768, mode="fwd"),
+        ConcatWeightedFusionCase(3, 65536, 768, mode="fwd+bwd"),
         # The fusion family's CPU targets.
         LinearCase(3, 16384, 256, 512, mode="fwd+bwd"),
         DecisionCase(3, 16384, 1000, mode="fwd"),
         DecisionCase(3, 16384, 1000, mode="fwd+bwd"),
+        GatedFusionCase(16384, 768, 512, 512, mode="fwd+bwd"),
+        GatedResidualCase(8192, 1024, 1024, mode="fwd+bwd"),
+        CoAttentionCase(2, 8, 64, 256, 64, mode="fwd"),
         *mask_cases("cpu"),
     ]
     # Sweeps for the plots: speed-up and memory against key length.
@@ -42,8 +49,8 @@ def cpu_cases(full: bool):
     if full:
         cases += [
             AttentionCase(4, 8, 512, 4096, 128, padded=True, mode="fwd"),
-            FusionCase(2, 16384, 2048, mode="fwd+bwd"),
-            FusionCase(4, 262144, 256, mode="fwd+bwd"),
+            ConcatWeightedFusionCase(2, 16384, 2048, mode="fwd+bwd"),
+            ConcatWeightedFusionCase(4, 262144, 256, mode="fwd+bwd"),
         ]
     return cases
 
@@ -56,13 +63,15 @@ def cuda_cases(full: bool):
         AttentionCase(8, 16, 512, 4096, 128, padded=True, mode="fwd"),
         AttentionCase(16, 16, 1024, 1024, 128, padded=False, mode="fwd+bwd"),
         AttentionCase(8, 16, 512, 4096, 128, padded=True, mode="fwd+bwd"),
-        FusionCase(3, 262144, 1024, mode="fwd"),
-        FusionCase(3, 262144, 1024, mode="fwd+bwd"),
+        ConcatWeightedFusionCase(3, 262144, 1024, mode="fwd"),
+        ConcatWeightedFusionCase(3, 262144, 1024, mode="fwd+bwd"),
         LinearCase(3, 65536, 1024, 1024, mode="fwd+bwd"),
         # Small shapes, where one launch instead of two matters.
         CoAttentionCase(2, 8, 32, 64, 64, mode="fwd"),
         CoAttentionCase(2, 8, 32, 64, 64, mode="fwd+bwd"),
         DecisionCase(3, 65536, 1000, mode="fwd"),
+        GatedFusionCase(65536, 1024, 1024, 1024, mode="fwd+bwd"),
+        GatedResidualCase(32768, 4096, 4096, mode="fwd+bwd"),
         *mask_cases("cuda"),
     ]
     for Lk in (256, 1024, 2048) + ((8192,) if full else ()):

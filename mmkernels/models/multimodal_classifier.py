@@ -6,7 +6,7 @@ from mmkernels.nn import ConcatWeightedFusion, CrossModalAttention
 
 
 class MultimodalClassifier(nn.Module):
-    """The model the seed documents sketch, small and configurable.
+    """A small, configurable three-modality classifier: the shape of model the layers are for.
 
     text: token ids (B, Lt) with text_padding (B, Lt, True = pad); image: (B, C, H, W), cut into
     patches; audio: frames (B, La, F) with audio_lengths (B,).

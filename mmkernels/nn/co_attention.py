@@ -1,5 +1,5 @@
 """CoAttention: LXMERT-style bidirectional cross-attention between two modalities."""
-from torch import nn
+from torch import Tensor, nn
 
 from mmkernels.ops import co_attention
 
@@ -9,7 +9,7 @@ class CoAttention(nn.Module):
     y_b likewise, both directions in one co_attention call. x_a (B, La, dim_a), x_b (B, Lb, dim_b),
     batch first; lengths_a / lengths_b (B,) mark right padding on each side."""
 
-    def __init__(self, dim_a, dim_b, num_heads, dim=None):
+    def __init__(self, dim_a: int, dim_b: int, num_heads: int, dim: int | None = None):
         super().__init__()
         dim = dim or dim_a
         if dim % num_heads:
@@ -22,7 +22,8 @@ class CoAttention(nn.Module):
         B, L, _ = x.shape
         return proj(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # views, no copy
 
-    def forward(self, x_a, x_b, lengths_a=None, lengths_b=None):
+    def forward(self, x_a: Tensor, x_b: Tensor, lengths_a: Tensor | None = None,
+                lengths_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if x_a.dim() != 3 or x_b.dim() != 3 or x_a.shape[0] != x_b.shape[0]:
             raise ValueError(f"CoAttention: x_a and x_b must be (B, L, dim) with one batch, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
         (q_a, k_a, v_a), (q_b, k_b, v_b) = self._heads(x_a, self.qkv_a), self._heads(x_b, self.qkv_b)

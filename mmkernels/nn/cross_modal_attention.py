@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from mmkernels import masks
 from mmkernels.ops import cross_attention
-from mmkernels.ops._checks import InvalidInput
+from mmkernels.ops.checks import InvalidInput
 
 _STOCK = nn.MultiheadAttention  # bound at import: tests and users may rebind torch.nn's name
 

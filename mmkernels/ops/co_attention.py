@@ -1,14 +1,18 @@
 """co_attention: both directions of cross-attention between two modalities (LXMERT, co-attention VQA)."""
 import torch
+from torch import Tensor
 
 from mmkernels.backends.base import Problem, stats_shape
-from mmkernels.ops._checks import check_index_values, check_last_dim_contiguous, check_shape, fail
-from mmkernels.ops._register import register_op
-from mmkernels.ops.cross_attention import apply_scale, check_attention_inputs
+from mmkernels.ops.checks import check_index_values, check_last_dim_contiguous, check_shape, fail
+from mmkernels.ops.cross_attention import ATTENTION_BACKENDS, apply_scale, check_attention_inputs
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import OpSpec
 
 
-def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, *, lengths_a=None, lengths_b=None, kv_start_a=None, kv_end_a=None,
-                 kv_start_b=None, kv_end_b=None, scale=None, backend=None):
+def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, *,
+                 lengths_a: Tensor | None = None, lengths_b: Tensor | None = None, kv_start_a: Tensor | None = None,
+                 kv_end_a: Tensor | None = None, kv_start_b: Tensor | None = None, kv_end_b: Tensor | None = None,
+                 scale: float | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """(out_a, out_b) with out_a = cross_attention(q_a, k_b, v_b, kv_lengths=lengths_b,
     q_lengths=lengths_a, kv_start=kv_start_a, kv_end=kv_end_a) and out_b = cross_attention(q_b,
     k_a, v_a, kv_lengths=lengths_a, q_lengths=lengths_b, kv_start=kv_start_b, kv_end=kv_end_b):
@@ -76,6 +80,16 @@ def _autograd_backward(ctx, grad_a, grad_lse_a, grad_b, grad_lse_b):
     return (*grads, *(None,) * 8)
 
 
-_op = register_op("co_attention", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-                  backward=_autograd_backward, grads=2, native=False)
+def _example():
+    g = torch.Generator().manual_seed(0)
+    q_a, k_a, v_a = (torch.randn(2, 2, 5, 8, generator=g).requires_grad_() for _ in range(3))
+    q_b, k_b, v_b = (torch.randn(2, 2, 7, 8, generator=g).requires_grad_() for _ in range(3))
+    return [q_a, k_a, v_a, q_b, k_b, v_b, torch.tensor([5, 2]), torch.tensor([7, 3]), None, None, None, None, 0.25]
+
+
+_op = register_op(OpSpec(
+    name="co_attention", function=co_attention, layer="CoAttention", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example, grads=2,
+    backends=ATTENTION_BACKENDS,
+))

@@ -1,10 +1,13 @@
 """concat_weighted_fusion: the public function, the operator's router, its fake and its autograd."""
-import math
+from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import (
+from mmkernels.limits import MAX_MODALITIES
+from mmkernels.ops.checks import (
+    as_rows,
     check_bias,
     check_last_dim_contiguous,
     check_like,
@@ -14,12 +17,14 @@ from mmkernels.ops._checks import (
     check_tensor_list,
     fail,
 )
-from mmkernels.ops._register import register_op
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import HALVES_AND_FLOAT32, Capability, OpSpec
 
 OUTPUTS = ("sum", "concat")
 
 
-def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="sum", backend=None):
+def concat_weighted_fusion(features: Sequence[Tensor], weight: Tensor, bias: Tensor | None = None, *,
+                           values: Sequence[Tensor] | None = None, output: str = "sum", backend: str | None = None) -> Tensor:
     """Softmax-weighted fusion of M modalities.
 
     features: M tensors (..., D_m) with the same leading dims; weight: (M, sum D_m); bias: (M,).
@@ -51,19 +56,10 @@ def concat_weighted_fusion(features, weight, bias=None, *, values=None, output="
     if output == "sum" and any(w != value_widths[0] for w in value_widths):
         fail(f"output='sum' needs every {'values' if values else 'features'}[m] to have the same width, got {value_widths}; use output='concat'")
 
-    rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
-    value_rows = [_as_rows(f"values[{i}]", v) for i, v in enumerate(values)] if values is not None else []
+    rows = [as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
+    value_rows = [as_rows(f"values[{i}]", v) for i, v in enumerate(values)] if values is not None else []
     out, _ = _op(rows, weight, bias, value_rows, output == "concat", backend=backend)
     return out.view(*lead, out.shape[-1])
-
-
-def _as_rows(name, t):
-    check_last_dim_contiguous(name, t)
-    try:
-        return t.view(math.prod(t.shape[:-1]), t.shape[-1])  # (not -1: a width of 0 leaves the rows undetermined)
-    except RuntimeError:
-        fail(f"{name} must be viewable as (rows, {t.shape[-1]}) without a copy, got shape "
-             f"{tuple(t.shape)} with strides {tuple(t.stride())}; call .contiguous() on it first")
 
 
 def check_operator(features, weight, bias, values, concat):
@@ -126,5 +122,21 @@ def _autograd_backward(ctx, grad_out, grad_gate):
     return grad_features, grad_weight, grad_bias if ctx.has_bias else None, grad_values, None, None
 
 
-_op = register_op("concat_weighted_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)
+def _example():
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(6, d, generator=g).requires_grad_() for d in (3, 5)]
+    return [features, torch.randn(2, 8, generator=g).requires_grad_(), torch.randn(2, generator=g).requires_grad_(), [], True]
+
+
+_op = register_op(OpSpec(
+    name="concat_weighted_fusion", function=concat_weighted_fusion, layer="ConcatWeightedFusion", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example,
+    backends={
+        "reference": Capability(),
+        "cpu": Capability(),
+        "cuda": Capability(dtypes=HALVES_AND_FLOAT32, max_modalities=MAX_MODALITIES,
+                           note="float64 is left to the reference backend: the kernel accumulates in fp32"),
+        "triton": Capability(dtypes=HALVES_AND_FLOAT32, max_modalities=MAX_MODALITIES),
+    },
+))

@@ -3,10 +3,13 @@ import math
 import numbers
 
 import torch
+from torch import Tensor
 
-from mmkernels.backends import reference
+from mmkernels.backends import native, reference
+from mmkernels.backends import triton as triton_backend
 from mmkernels.backends.base import Problem, stats_shape
-from mmkernels.ops._checks import (
+from mmkernels.limits import CUDA_ATTENTION_HEAD_DIMS, TRITON_MAX_HEAD_DIM
+from mmkernels.ops.checks import (
     check_float,
     check_index,
     check_index_values,
@@ -16,11 +19,14 @@ from mmkernels.ops._checks import (
     check_shape,
     fail,
 )
-from mmkernels.ops._register import register_op
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import HALVES, HALVES_AND_FLOAT32, Capability, OpSpec
 
 
-def cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, q_lengths=None, kv_start=None, kv_end=None,
-                    causal=False, dropout_p=0.0, scale=None, backend=None):
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_lengths: Tensor | None = None,
+                    key_padding_mask: Tensor | None = None, q_lengths: Tensor | None = None, kv_start: Tensor | None = None,
+                    kv_end: Tensor | None = None, causal: bool = False, dropout_p: float = 0.0,
+                    scale: float | Tensor | None = None, backend: str | None = None) -> Tensor:
     """Attention of queries from one modality over keys/values of another.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0 (grouped-query attention, no
@@ -120,7 +126,7 @@ def dropout_seed(q):
     return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
 
 
-def attention_dropout_mask(q, k, dropout_p):
+def attention_dropout_mask(q: Tensor, k: Tensor, dropout_p: float) -> Tensor:
     """Debug entry: the (B, Hq, Lq, Lk) bool mask of the attention probabilities that
     cross_attention(q, k, v, dropout_p=dropout_p) keeps when torch's generator for q's device is
     in its current state (it draws the Philox key as cross_attention does; seed both the same way
@@ -186,5 +192,25 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, *(None,) * 10
 
 
-_op = register_op("cross_attention", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)
+# cross_attention and co_attention run on the same kernels, so they take the same inputs.
+ATTENTION_BACKENDS = {
+    "reference": Capability(),
+    "cpu": Capability(),
+    "cuda": Capability(dtypes=HALVES, head_dims=CUDA_ATTENTION_HEAD_DIMS, aligned_rows=True, auto=native.CUDA_ATTENTION_VERIFIED,
+                       gpu_verified=native.CUDA_ATTENTION_VERIFIED),
+    "triton": Capability(dtypes=HALVES_AND_FLOAT32, head_dims=range(1, TRITON_MAX_HEAD_DIM + 1), fits=triton_backend.attention_fits),
+}
+
+
+def _example():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g).requires_grad_() for n in (5, 9, 9))
+    return [q, k, v, torch.tensor([9, 4]), None, torch.tensor([5, 3]), None, None, False, 0.0, None, 0.25]
+
+
+_op = register_op(OpSpec(
+    name="cross_attention", function=cross_attention, layer="CrossModalAttention", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example,
+    backends=ATTENTION_BACKENDS,
+))

@@ -1,15 +1,28 @@
 """decision_fusion: late fusion of per-modality predictions."""
+from collections.abc import Sequence
+
 import torch
+from torch import Tensor
 
 from mmkernels.backends.base import Problem, acc_dtype
-from mmkernels.ops._checks import check_last_dim_contiguous, check_row_list, check_shape, check_tensor_list, fail
-from mmkernels.ops._register import register_op
-from mmkernels.ops.concat_weighted_fusion import _as_rows
+from mmkernels.limits import MAX_MODALITIES
+from mmkernels.ops.checks import (
+    as_rows,
+    check_last_dim_contiguous,
+    check_row_list,
+    check_shape,
+    check_tensor_list,
+    fail,
+    values_free,
+)
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import HALVES_AND_FLOAT32, Capability, OpSpec
 
 MODES = ("prob", "logit")
 
 
-def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
+def decision_fusion(logits: Sequence[Tensor], weights: Tensor | None = None, *, mode: str = "prob",
+                    backend: str | None = None) -> Tensor:
     """Weighted mean of M per-modality predictions, each (..., C).
 
     weights (M,) >= 0 are normalised to sum 1 (uniform when None) and get a gradient.
@@ -33,14 +46,12 @@ def decision_fusion(logits, weights=None, *, mode="prob", backend=None):
         if tuple(weights.shape) != (M,):
             fail(f"weights must have shape ({M},), one per modality, got {tuple(weights.shape)}")
         valid = (weights >= 0).all() & (weights.sum() > 0) & torch.isfinite(weights).all()
-        if torch.compiler.is_compiling():  # no host value while tracing: a runtime assert in the graph
+        if not values_free(weights):  # a device-side assert (in the graph, while tracing): no host sync
             torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
-        elif weights.device.type == "cpu" and not bool(valid):  # free on the cpu; a device-side assert elsewhere
+        elif not bool(valid):
             fail(f"weights must be finite and >= 0 with a positive sum, got {weights.tolist()}")
-        elif weights.device.type != "cpu":
-            torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
         w = weights.to(acc) / weights.to(acc).sum()
-    rows = [_as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
+    rows = [as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
     out = _op(rows, w, mode == "prob", backend=backend)
     return out.view(shape)
 
@@ -86,5 +97,19 @@ def _autograd_backward(ctx, grad_out):
     return grad_logits, grad_weights, None, None
 
 
-_op = register_op("decision_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)
+def _example():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(6, 4, generator=g).requires_grad_() for _ in range(3)]
+    return [logits, torch.tensor([0.2, 0.3, 0.5], requires_grad=True), True]
+
+
+_op = register_op(OpSpec(
+    name="decision_fusion", function=decision_fusion, layer="DecisionFusion", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example,
+    backends={
+        "reference": Capability(),
+        "cpu": Capability(),
+        "triton": Capability(dtypes=HALVES_AND_FLOAT32, max_modalities=MAX_MODALITIES),
+    },
+))

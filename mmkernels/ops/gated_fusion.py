@@ -1,13 +1,24 @@
 """gated_fusion: the gated multimodal unit over two modalities."""
 import torch
+from torch import Tensor
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_bias, check_float, check_last_dim_contiguous, check_like, check_rows, check_shape, fail
-from mmkernels.ops._register import register_op
-from mmkernels.ops.concat_weighted_fusion import _as_rows
+from mmkernels.ops.checks import (
+    as_rows,
+    check_bias,
+    check_float,
+    check_last_dim_contiguous,
+    check_like,
+    check_rows,
+    check_shape,
+    fail,
+)
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import OpSpec, composite_fusion_backends
 
 
-def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a=None, bias_b=None, bias_z=None, *, backend=None):
+def gated_fusion(x_a: Tensor, x_b: Tensor, weight_a: Tensor, weight_b: Tensor, weight_z: Tensor, bias_a: Tensor | None = None,
+                 bias_b: Tensor | None = None, bias_z: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """h = z * tanh(x_a W_a^T + b_a) + (1 - z) * tanh(x_b W_b^T + b_b), z = sigmoid([x_a; x_b] W_z^T + b_z).
 
     x_a (..., Da), x_b (..., Db) with the same leading dims; weight_a (N, Da), weight_b (N, Db),
@@ -26,7 +37,7 @@ def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a=None, bias_b=Non
     for name, b in (("bias_a", bias_a), ("bias_b", bias_b), ("bias_z", bias_z)):
         check_bias(name, b, N, "x_a", x_a)
     lead = tuple(x_a.shape[:-1])
-    out, *_ = _op(_as_rows("x_a", x_a), _as_rows("x_b", x_b), weight_a, weight_b, weight_z, bias_a, bias_b, bias_z, backend=backend)
+    out, *_ = _op(as_rows("x_a", x_a), as_rows("x_b", x_b), weight_a, weight_b, weight_z, bias_a, bias_b, bias_z, backend=backend)
     return out.view(*lead, N)
 
 
@@ -79,5 +90,15 @@ def _autograd_backward(ctx, grad_out, *unused):
     return (*grads[:5], *biases, None)
 
 
-_op = register_op("gated_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)
+def _example():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_()
+    return [r(6, 3), r(6, 5), r(4, 3), r(4, 5), r(4, 8), r(4), None, r(4)]
+
+
+_op = register_op(OpSpec(
+    name="gated_fusion", function=gated_fusion, layer="GatedMultimodalUnit", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example,
+    backends=composite_fusion_backends(),
+))

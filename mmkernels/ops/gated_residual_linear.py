@@ -1,17 +1,29 @@
 """gated_residual_linear: the gated cross-attention output projection with its epilogue."""
 import torch
+from torch import Tensor
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import check_bias, check_float, check_last_dim_contiguous, check_like, check_rows, check_shape, fail
-from mmkernels.ops._register import register_op
-from mmkernels.ops.concat_weighted_fusion import _as_rows
+from mmkernels.ops.checks import (
+    as_rows,
+    check_bias,
+    check_float,
+    check_last_dim_contiguous,
+    check_like,
+    check_rows,
+    check_shape,
+    fail,
+)
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import OpSpec, composite_fusion_backends
 
 
-def gated_residual_linear(x, h, weight, bias=None, gate=None, row_mask=None, *, backend=None):
+def gated_residual_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None = None, *, gate: Tensor,
+                          row_mask: Tensor | None = None, backend: str | None = None) -> Tensor:
     """x + tanh(gate) * row_mask * (h @ weight.T + bias): Flamingo / IDEFICS / Llama 3.2 Vision's
     gated cross-attention residual, with the gate and the row mask fused into the projection's
-    epilogue (on the triton backend). x (..., N), h (..., K), weight (N, K), bias (N,), gate (1,),
-    row_mask (...) bool or float: the rows that may see the other modality."""
+    epilogue (on the triton backend). x (..., N), h (..., K), weight (N, K), bias (N,) or None,
+    gate (1,) (required: the learned tanh gate, by keyword), row_mask (...) bool or float or None
+    (every row): the rows that may see the other modality."""
     check_float("x", x)
     check_like("h", h, "x", x)
     check_like("weight", weight, "x", x)
@@ -29,7 +41,7 @@ def gated_residual_linear(x, h, weight, bias=None, gate=None, row_mask=None, *, 
         if not isinstance(row_mask, torch.Tensor) or tuple(row_mask.shape) != lead or row_mask.device != x.device:
             fail(f"row_mask must have shape {lead} on x's device, got {tuple(row_mask.shape) if isinstance(row_mask, torch.Tensor) else row_mask!r}")
         mask = row_mask.reshape(-1).to(x.dtype)  # (rows,): tiny next to x; a float mask keeps its gradient
-    out, _ = _op(_as_rows("x", x), _as_rows("h", h), weight, bias, gate.to(x.dtype), mask, backend=backend)
+    out, _ = _op(as_rows("x", x), as_rows("h", h), weight, bias, gate.to(x.dtype), mask, backend=backend)
     return out.view(x.shape)
 
 
@@ -79,5 +91,15 @@ def _autograd_backward(ctx, grad_out, grad_proj):
     return gx, gh, gw, gb if ctx.has_bias else None, gg, grad_mask, None
 
 
-_op = register_op("gated_residual_linear", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)
+def _example():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_()
+    return [r(6, 4), r(6, 3), r(4, 3), r(4), r(1), torch.tensor([1.0, 0, 1, 1, 0, 1])]
+
+
+_op = register_op(OpSpec(
+    name="gated_residual_linear", function=gated_residual_linear, layer="GatedCrossAttention", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example,
+    backends=composite_fusion_backends(),
+))

@@ -2,7 +2,9 @@
 import torch
 
 from mmkernels.backends.base import Problem
-from mmkernels.ops._checks import (
+from mmkernels.limits import ACTIVATIONS, MAX_MODALITIES
+from mmkernels.ops.checks import (
+    as_rows,
     check_bias,
     check_last_dim_contiguous,
     check_like,
@@ -11,10 +13,8 @@ from mmkernels.ops._checks import (
     check_tensor_list,
     fail,
 )
-from mmkernels.ops._register import register_op
-from mmkernels.ops.concat_weighted_fusion import _as_rows
-
-ACTIVATIONS = (None, "relu", "gelu", "silu", "tanh", "sigmoid")  # indices shared with csrc/linear_fusion.cpp
+from mmkernels.ops.registration import register_op
+from mmkernels.spec import OpSpec, composite_fusion_backends
 
 
 def linear_fusion(features, weights, bias=None, *, activation=None, backend=None):
@@ -35,7 +35,7 @@ def linear_fusion(features, weights, bias=None, *, activation=None, backend=None
     check_bias("bias", bias, N, "features[0]", features[0])
     if activation not in ACTIVATIONS:
         fail(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    rows = [_as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
+    rows = [as_rows(f"features[{i}]", f) for i, f in enumerate(features)]
     out, _ = _op(rows, list(weights), bias, ACTIVATIONS.index(activation), backend=backend)
     return out.view(*lead, N)
 
@@ -94,5 +94,16 @@ def _autograd_backward(ctx, grad_out, grad_pre):
     return grad_features, grad_weights, grad_bias if ctx.has_bias else None, None, None
 
 
-_op = register_op("linear_fusion", problem=_problem, check=check_operator, check_backward=check_backward_operator,
-                  fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_autograd_backward)
+def _example():
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(6, d, generator=g).requires_grad_() for d in (3, 5)]
+    weights = [torch.randn(4, d, generator=g).requires_grad_() for d in (3, 5)]
+    return [features, weights, torch.randn(4, generator=g).requires_grad_(), ACTIVATIONS.index("gelu")]
+
+
+_op = register_op(OpSpec(
+    name="linear_fusion", function=linear_fusion, layer="LinearFusion", problem=_problem, check=check_operator,
+    check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
+    backward=_autograd_backward, example=_example,
+    backends=composite_fusion_backends(MAX_MODALITIES),
+))

@@ -13,8 +13,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _operand_bytes(named_args) -> int:
-    q = next(t for t in named_args.values() if hasattr(t, "element_size"))  # the first tensor: the queries
-    return q.element_size()
+    """The element size of the first tensor argument, the queries (inside the first side's tuple
+    for co_attention)."""
+    flat = (t for a in named_args.values() for t in (a if isinstance(a, tuple) else (a,)))
+    return next(t for t in flat if hasattr(t, "element_size")).element_size()
 
 
 def attention_autotune(kernel: str, key):

@@ -4,8 +4,8 @@
 // slices of W_z), and the blend is one elementwise pass. The backward never builds the concat.
 #include <torch/library.h>
 
-#include "checks.h"
-#include "common.h"
+#include "../checks.h"
+#include "../common.h"
 
 namespace mmkernels {
 namespace {

@@ -1,10 +1,17 @@
-"""Argument checks shared by the ops. Every message names the argument, what was expected and
-what came. Checks of shapes, dtypes and devices run where the op is called (also while
-torch.compile traces); checks of tensor *values* (lengths in range) run in the op itself, on
-real tensors, and only where they are free: on CPU tensors. On a GPU they would cost a
-device-to-host sync per call, so there the kernels clamp out-of-range lengths instead (as
-they always do, so a skipped check is never unsafe)."""
+"""Argument checks and helpers shared by the ops. Every message names the argument, what was
+expected and what came. Checks of shapes, dtypes and devices run where the op is called (also
+while torch.compile traces); checks of tensor *values* (lengths in range) run in the op itself,
+on real tensors, and only where they are free: on CPU tensors (values_free). On a GPU they would
+cost a device-to-host sync per call, stalling pipelines and CUDA graphs, so there the kernels
+clamp out-of-range lengths instead (as they always do, so a skipped check is never unsafe);
+MMKERNELS_CHECK_VALUES=1 turns the checks on everywhere, for debugging, at that cost."""
+import math
+import os
+
 import torch
+
+CHECK_VALUES_ENV = "MMKERNELS_CHECK_VALUES"
+FREE_DEVICES = ("cpu",)  # where reading a value on the host costs no device sync
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -91,10 +98,18 @@ def check_rows_index(name: str, t, ref_name: str, ref, batch: int, rows: int):
         fail(f"{name} must have shape (B, Lq) = ({batch}, {rows}), got {tuple(t.shape)}")
 
 
+def values_free(t) -> bool:
+    """Whether the ops may read t's values on the host: free for a CPU tensor; a device-to-host
+    sync for any other, done only under MMKERNELS_CHECK_VALUES=1. Never while tracing."""
+    if t is None or torch.compiler.is_compiling() or is_fake(t):
+        return False
+    return t.device.type in FREE_DEVICES or os.environ.get(CHECK_VALUES_ENV) == "1"
+
+
 def check_index_values(name: str, t, limit: int):
-    """Lengths must lie in [0, limit]: checked on CPU tensors, where it is free; elsewhere the
-    kernels clamp (see the module docstring)."""
-    if t is None or t.numel() == 0 or t.device.type != "cpu" or is_fake(t):
+    """Lengths must lie in [0, limit]: checked where values_free(t); elsewhere the kernels clamp
+    (see the module docstring)."""
+    if t is None or t.numel() == 0 or not values_free(t):
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > limit:
@@ -141,3 +156,14 @@ def check_same_device(ref_name: str, ref, **tensors):
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != ref.device:
             fail(f"{name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+
+
+def as_rows(name: str, t):
+    """t (..., D) as a (rows, D) view: the shape the fusion operators take. Never a copy: a layout
+    that does not flatten raises, saying so."""
+    check_last_dim_contiguous(name, t)
+    try:
+        return t.view(math.prod(t.shape[:-1]), t.shape[-1])  # (not -1: a width of 0 leaves the rows undetermined)
+    except RuntimeError:
+        fail(f"{name} must be viewable as (rows, {t.shape[-1]}) without a copy, got shape "
+             f"{tuple(t.shape)} with strides {tuple(t.stride())}; call .contiguous() on it first")

@@ -7,29 +7,30 @@ forward-mode AD."""
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from mmkernels.backends import choose, kernels
-from mmkernels.ops._checks import fail
+from mmkernels import spec as specs
+from mmkernels.backends import choose, kernel
+from mmkernels.ops.checks import fail
 
 
-def register_op(name, *, problem, fake, backward_fake, setup_context, backward, check, check_backward, grads=1, native=True):
-    """problem(*args) -> Problem picks the backend. check(*args) and check_backward(*args)
-    validate the forward's and the backward's operator arguments (shapes, dtypes, devices; values
-    where that is free): they run in the routers and in the fakes, so a direct call of the
-    operator raises on every backend instead of reading out of bounds. grads: how many output
-    gradients lead the backward's arguments. native: whether a native_<name> schema exists.
-    setup_context need not record the backend: ctx.backend is set here, to the backend that ran
-    the forward. Returns call(*args, backend=None), which resolves the backend (the `backend=`
-    argument, use_backend, MMKERNELS_BACKEND, auto) where the public function runs, and calls
-    the operator with the concrete name, so that the saved context knows it on any thread."""
+def register_op(spec: "specs.OpSpec"):
+    """Registers spec's operators (see mmkernels/spec.py) and returns call(*args, backend=None),
+    which resolves the backend (the `backend=` argument, use_backend, MMKERNELS_BACKEND, auto)
+    where the public function runs and calls the operator with the concrete name: the saved
+    context records it, so the backward runs on the forward's backend on any thread, the autograd
+    engine's included. The checks run in the routers and in the fakes, so a direct call of the
+    operator raises on every backend instead of reading out of bounds."""
+    specs.add(spec)
+    name, problem, check, check_backward, grads = spec.name, spec.problem, spec.check, spec.check_backward, spec.grads
+    fake, backward_fake, setup_context, backward = spec.fake, spec.backward_fake, spec.setup_context, spec.backward
 
     def forward_router(*args):
         check(*args[:-1])
-        return getattr(kernels(choose(problem(*args[:-1]), args[-1])), name)(*args[:-1])
+        return kernel(choose(problem(*args[:-1]), args[-1]), name)(*args[:-1])
 
     def backward_router(*args):
         check_backward(*args[:-1])
         # The backward's inputs start with the output gradients; the problem is judged on the forward inputs.
-        return getattr(kernels(choose(problem(*args[grads:-1]), args[-1])), f"{name}_backward")(*args[:-1])
+        return kernel(choose(problem(*args[grads:-1]), args[-1]), f"{name}_backward")(*args[:-1])
 
     def checked(fn, validate, with_backend):
         def run(*args):
@@ -51,7 +52,7 @@ def register_op(name, *, problem, fake, backward_fake, setup_context, backward, 
 
     torch.library.register_kernel(f"mmkernels::{name}", None, forward_router)
     torch.library.register_kernel(f"mmkernels::{name}_backward", None, backward_router)
-    for prefix in ("", "native_") if native else ("",):
+    for prefix in ("", "native_") if spec.native else ("",):
         with_backend = prefix == ""
         torch.library.register_fake(f"mmkernels::{prefix}{name}", checked(fake, check, with_backend))
         torch.library.register_fake(f"mmkernels::{prefix}{name}_backward", checked(backward_fake, check_backward, with_backend))

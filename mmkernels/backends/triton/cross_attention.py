@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkernels.backends.base import co_attention_backward_by_two_calls, co_attention_by_two_calls, stats_shape
+from mmkernels.backends.base import stats_shape
 from mmkernels.backends.reference import dropout_threshold
 from mmkernels.backends.triton.config import INTERPRET, attention_autotune
 
@@ -115,7 +115,7 @@ def _stats_base2(Lse, rows, mask, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _fwd_program(
+def fwd_program(
     pid_m, pid_bh,
     Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
@@ -197,7 +197,7 @@ def _delta_kernel(O, DO, Delta, sob, soh, sol, sdb, sdh, sdl, Hq, Lq,
 
 
 @triton.jit
-def _bwd_dkdv_program(
+def bwd_dkdv_program(
     pid_n, pid_bh,
     Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
     sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
@@ -256,7 +256,7 @@ def _bwd_dkdv_program(
 
 
 @triton.jit
-def _bwd_dq_program(
+def bwd_dq_program(
     pid_m, pid_bh,
     Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
@@ -313,7 +313,7 @@ def _fwd_kernel(
     HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    _fwd_program(
+    fwd_program(
         tl.program_id(0), tl.program_id(1),
         Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
         KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
@@ -333,7 +333,7 @@ def _bwd_dkdv_kernel(
     HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    _bwd_dkdv_program(
+    bwd_dkdv_program(
         tl.program_id(0), tl.program_id(1),
         Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
         sdkb, sdkh, sdkl, sdvb, sdvh, sdvl,
@@ -353,120 +353,13 @@ def _bwd_dq_kernel(
     HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    _bwd_dq_program(
+    bwd_dq_program(
         tl.program_id(0), tl.program_id(1),
         Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sdqb, sdqh, sdql,
         KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed,
         Hq, Lq, Lk, group, scale, scale_log2, threshold, keep_scale,
         D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, PAIR, PRECISION, BLOCK_M, BLOCK_N,
     )
-
-
-# ---- co_attention: both directions in one launch per stage. A side is every runtime argument
-# of one direction; programs below BH_A run side a.
-
-@triton.autotune(**attention_autotune("fwd", ["BLOCK_D", "HAS_START_A", "HAS_START_B"]))
-@triton.jit
-def _fwd_co_kernel(
-    Q_a, K_a, V_a, Out_a, Lse_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a,
-    KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Hq_a, Lq_a, Lk_a, group_a,
-    Q_b, K_b, V_b, Out_b, Lse_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b,
-    KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Hq_b, Lq_b, Lk_b, group_b,
-    BH_A, scale_log2, Unused,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
-    HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
-    PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(1)
-    if pid_bh < BH_A:
-        _fwd_program(
-            tl.program_id(0), pid_bh,
-            Q_a, K_a, V_a, Out_a, Lse_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a, sob_a, soh_a, sol_a,
-            KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
-            Hq_a, Lq_a, Lk_a, group_a, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
-        )
-    else:
-        _fwd_program(
-            tl.program_id(0), pid_bh - BH_A,
-            Q_b, K_b, V_b, Out_b, Lse_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b, sob_b, soh_b, sol_b,
-            KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
-            Hq_b, Lq_b, Lk_b, group_b, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
-        )
-
-
-@triton.autotune(**attention_autotune("dkdv", ["BLOCK_D", "HAS_START_A", "HAS_START_B"]))
-@triton.jit
-def _bwd_dkdv_co_kernel(
-    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
-    sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a,
-    KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Hq_a, Hkv_a, Lq_a, Lk_a, group_a,
-    Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
-    sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b,
-    KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Hq_b, Hkv_b, Lq_b, Lk_b, group_b,
-    BH_A, scale, scale_log2, Unused,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
-    HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
-    PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(1)
-    if pid_bh < BH_A:
-        _bwd_dkdv_program(
-            tl.program_id(0), pid_bh,
-            Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DK_a, DV_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
-            sdb_a, sdh_a, sdl_a, sdkb_a, sdkh_a, sdkl_a, sdvb_a, sdvh_a, sdvl_a,
-            KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
-            Hq_a, Hkv_a, Lq_a, Lk_a, group_a, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
-        )
-    else:
-        _bwd_dkdv_program(
-            tl.program_id(0), pid_bh - BH_A,
-            Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DK_b, DV_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
-            sdb_b, sdh_b, sdl_b, sdkb_b, sdkh_b, sdkl_b, sdvb_b, sdvh_b, sdvl_b,
-            KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
-            Hq_b, Hkv_b, Lq_b, Lk_b, group_b, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
-        )
-
-
-@triton.autotune(**attention_autotune("dq", ["BLOCK_D", "HAS_START_A", "HAS_START_B"]))
-@triton.jit
-def _bwd_dq_co_kernel(
-    Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
-    sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a,
-    KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Hq_a, Lq_a, Lk_a, group_a,
-    Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
-    sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b,
-    KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Hq_b, Lq_b, Lk_b, group_b,
-    BH_A, scale, scale_log2, Unused,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KVLEN_A: tl.constexpr, HAS_QLEN_A: tl.constexpr, HAS_START_A: tl.constexpr, HAS_END_A: tl.constexpr,
-    HAS_KVLEN_B: tl.constexpr, HAS_QLEN_B: tl.constexpr, HAS_START_B: tl.constexpr, HAS_END_B: tl.constexpr,
-    PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(1)
-    if pid_bh < BH_A:
-        _bwd_dq_program(
-            tl.program_id(0), pid_bh,
-            Q_a, K_a, V_a, DO_a, Lse_a, Delta_a, DQ_a, sqb_a, sqh_a, sql_a, skb_a, skh_a, skl_a, svb_a, svh_a, svl_a,
-            sdb_a, sdh_a, sdl_a, sdqb_a, sdqh_a, sdql_a,
-            KvLen_a, s_kvl_a, QLen_a, s_ql_a, Start_a, s_stb_a, s_stl_a, End_a, s_enb_a, s_enl_a, Unused, 0, 0, Unused, Unused, Unused,
-            Hq_a, Lq_a, Lk_a, group_a, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_A, HAS_QLEN_A, HAS_START_A, HAS_END_A, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
-        )
-    else:
-        _bwd_dq_program(
-            tl.program_id(0), pid_bh - BH_A,
-            Q_b, K_b, V_b, DO_b, Lse_b, Delta_b, DQ_b, sqb_b, sqh_b, sql_b, skb_b, skh_b, skl_b, svb_b, svh_b, svl_b,
-            sdb_b, sdh_b, sdl_b, sdqb_b, sdqh_b, sdql_b,
-            KvLen_b, s_kvl_b, QLen_b, s_ql_b, Start_b, s_stb_b, s_stl_b, End_b, s_enb_b, s_enl_b, Unused, 0, 0, Unused, Unused, Unused,
-            Hq_b, Lq_b, Lk_b, group_b, scale, scale_log2, 0, 1.0,
-            D, BLOCK_D, HAS_KVLEN_B, HAS_QLEN_B, HAS_START_B, HAS_END_B, False, False, False, PAIR, PRECISION, BLOCK_M, BLOCK_N,
-        )
 
 
 # ---- host side
@@ -481,7 +374,7 @@ def _mask_bounds(key_padding_mask, Lk):
     return first.to(torch.int32), last.to(torch.int32)
 
 
-class _Visibility:
+class Visibility:
     """The visibility arguments of one direction, as kernel arguments (pointers with their
     strides; a dummy where absent) and constexpr flags."""
 
@@ -504,7 +397,7 @@ class _Visibility:
         return (*self.lengths, *self.mask)
 
 
-def _common_flags(q):
+def common_flags(q):
     return dict(
         D=q.shape[-1],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
@@ -514,7 +407,7 @@ def _common_flags(q):
     )
 
 
-def _stats(q):
+def new_stats(q):
     shape, dtype = stats_shape(q.dtype, q.shape[:3])
     return torch.empty(shape, dtype=dtype, device=q.device)
 
@@ -527,11 +420,11 @@ def _no_key(stats):
     return stats.fill_(math.inf)
 
 
-def _strides(*tensors):
+def leading_strides(*tensors):
     return tuple(s for t in tensors for s in t.stride()[:3])
 
 
-def _delta(out, grad_out, block_d):
+def row_delta(out, grad_out, block_d):
     B, Hq, Lq, D = out.shape
     delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=out.device)
     block = 64 if not INTERPRET else 16
@@ -544,14 +437,14 @@ def _delta(out, grad_out, block_d):
 def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
     B, Hq, Lq, D = q.shape
     out = torch.empty_like(q)
-    lse = _stats(q)
+    lse = new_stats(q)
     if out.numel() == 0 or k.shape[2] == 0:
         return out.zero_(), _no_key(lse)
-    vis = _Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
+    vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](q, k, v, out, lse, *_strides(q, k, v, out), *vis.args(),
+    _fwd_kernel[grid](q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(),
                       Hq, Lq, k.shape[2], Hq // k.shape[1], scale * LOG2E, *vis.dropout,
-                      **_common_flags(q), **vis.flags)
+                      **common_flags(q), **vis.flags)
     return out, lse
 
 
@@ -562,75 +455,15 @@ def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_paddin
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    flags = _common_flags(q)
+    flags = common_flags(q)
     lse = lse.contiguous()
-    delta = _delta(out, grad_out, flags["BLOCK_D"])
-    vis = _Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
+    delta = row_delta(out, grad_out, flags["BLOCK_D"])
+    vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     group = Hq // Hkv
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out, dk, dv), *vis.args(),
+        q, k, v, grad_out, lse, delta, dk, dv, *leading_strides(q, k, v, grad_out, dk, dv), *vis.args(),
         Hq, Hkv, Lq, Lk, group, scale, scale * LOG2E, *vis.dropout, **flags, **vis.flags)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out, dq), *vis.args(),
+        q, k, v, grad_out, lse, delta, dq, *leading_strides(q, k, v, grad_out, dq), *vis.args(),
         Hq, Lq, Lk, group, scale, scale * LOG2E, *vis.dropout, **flags, **vis.flags)
     return dq, dk, dv
-
-
-def _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b):
-    """Direction a: q_a over modality b's keys (kv_lengths = lengths_b, q_lengths = lengths_a,
-    ranges kv_start_a/kv_end_a); b mirrors it."""
-    side_a = _Visibility(q_a, k_b, lengths_b, None, lengths_a, kv_start_a, kv_end_a, False, 0.0, None)
-    side_b = _Visibility(q_b, k_a, lengths_a, None, lengths_b, kv_start_b, kv_end_b, False, 0.0, None)
-    flags = _common_flags(q_a)
-    for suffix, side in (("_A", side_a), ("_B", side_b)):
-        for name in ("HAS_KVLEN", "HAS_QLEN", "HAS_START", "HAS_END"):
-            flags[name + suffix] = side.flags[name]
-    return side_a, side_b, flags
-
-
-def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
-    """Both directions in one launch per stage (forward: one; backward: dK/dV and dQ, one each,
-    after two small delta launches)."""
-    if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:  # nothing to launch for
-        return co_attention_by_two_calls(cross_attention, q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b,
-                                         kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale)
-    B = q_a.shape[0]
-    side_a, side_b, flags = _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
-    out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
-    lse_a, lse_b = _stats(q_a), _stats(q_b)
-    grid = lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
-                         B * (q_a.shape[1] + q_b.shape[1]))
-    size = lambda q, k: (q.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
-    _fwd_co_kernel[grid](
-        q_a, k_b, v_b, out_a, lse_a, *_strides(q_a, k_b, v_b, out_a), *side_a.lengths, *size(q_a, k_b),
-        q_b, k_a, v_a, out_b, lse_b, *_strides(q_b, k_a, v_a, out_b), *side_b.lengths, *size(q_b, k_a),
-        B * q_a.shape[1], scale * LOG2E, side_a.mask[0], **flags)
-    return out_a, lse_a, out_b, lse_b
-
-
-def co_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, lse_a, out_b, lse_b, lengths_a, lengths_b,
-                          kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale):
-    if min(t.numel() for t in (q_a, k_a, q_b, k_b)) == 0:
-        return co_attention_backward_by_two_calls(cross_attention_backward, grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b,
-                                                  out_a, lse_a, out_b, lse_b, lengths_a, lengths_b,
-                                                  kv_start_a, kv_end_a, kv_start_b, kv_end_b, scale)
-    B = q_a.shape[0]
-    side_a, side_b, flags = _co_sides(q_a, k_a, q_b, k_b, lengths_a, lengths_b, kv_start_a, kv_end_a, kv_start_b, kv_end_b)
-    lse_a, lse_b = lse_a.contiguous(), lse_b.contiguous()
-    delta_a, delta_b = _delta(out_a, grad_a, flags["BLOCK_D"]), _delta(out_b, grad_b, flags["BLOCK_D"])
-    dq_a, dk_a, dv_a = torch.empty_like(q_a), torch.empty_like(k_a), torch.empty_like(v_a)
-    dq_b, dk_b, dv_b = torch.empty_like(q_b), torch.empty_like(k_b), torch.empty_like(v_b)
-    size = lambda q, k: (q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
-    # direction a writes dK/dV of modality b's keys, direction b those of modality a
-    _bwd_dkdv_co_kernel[lambda meta: (max(triton.cdiv(k_b.shape[2], meta["BLOCK_N"]), triton.cdiv(k_a.shape[2], meta["BLOCK_N"])),
-                                      B * (k_b.shape[1] + k_a.shape[1]))](
-        q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b, *_strides(q_a, k_b, v_b, grad_a, dk_b, dv_b), *side_a.lengths, *size(q_a, k_b),
-        q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a, *_strides(q_b, k_a, v_a, grad_b, dk_a, dv_a), *side_b.lengths, *size(q_b, k_a),
-        B * k_b.shape[1], scale, scale * LOG2E, side_a.mask[0], **flags)
-    size_q = lambda q, k: (q.shape[1], q.shape[2], k.shape[2], q.shape[1] // k.shape[1])
-    _bwd_dq_co_kernel[lambda meta: (max(triton.cdiv(q_a.shape[2], meta["BLOCK_M"]), triton.cdiv(q_b.shape[2], meta["BLOCK_M"])),
-                                    B * (q_a.shape[1] + q_b.shape[1]))](
-        q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a, *_strides(q_a, k_b, v_b, grad_a, dq_a), *side_a.lengths, *size_q(q_a, k_b),
-        q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b, *_strides(q_b, k_a, v_a, grad_b, dq_b), *side_b.lengths, *size_q(q_b, k_a),
-        B * q_a.shape[1], scale, scale * LOG2E, side_a.mask[0], **flags)
-    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b

@@ -1,4 +1,5 @@
-"""cross_attention cases and the peers a user would pick instead."""
+"""cross_attention cases (plain, and with the masks real models pass) and the peers a user would
+pick instead."""
 import contextlib
 import dataclasses
 
@@ -6,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from mmkernels.backends import reasons
-from mmkernels.backends.base import Problem
+from mmkernels.bench.backends import contenders
 
 
 @dataclasses.dataclass
@@ -97,10 +97,8 @@ def _flex():
 def providers(case, device, dtype, full: bool):
     """name -> callable(q, k, v, lengths) -> out; the first peer is the correctness oracle."""
     out = {"eager": eager}
-    problem = Problem.of("cross_attention", torch.empty(0, device=device, dtype=dtype), head_dim=case.D)
-    for name, why in reasons(problem, explicit=True).items():
-        if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
-            out[f"mmkernels-{name}"] = (lambda backend: lambda q, k, v, lengths: mmkernels.cross_attention(q, k, v, kv_lengths=lengths, backend=backend))(name)
+    for name in contenders("cross_attention", device, dtype, head_dim=case.D):
+        out[f"mmkernels-{name}"] = (lambda backend: lambda q, k, v, lengths: mmkernels.cross_attention(q, k, v, kv_lengths=lengths, backend=backend))(name)
     out["sdpa"] = _sdpa(None)
     out["sdpa-math"] = _sdpa(torch.nn.attention.SDPBackend.MATH)
     if device.type == "cuda":
@@ -115,55 +113,6 @@ def providers(case, device, dtype, full: bool):
 
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             out["flash-attn"] = lambda q, k, v, lengths: None if lengths is not None else flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return out
-
-
-@dataclasses.dataclass
-class CoAttentionCase:
-    """Both directions between two modalities: one co_attention launch against two calls."""
-
-    B: int
-    H: int
-    La: int
-    Lb: int
-    D: int
-    mode: str
-    memory_only: bool = False
-
-    op = "co_attention"
-    padded = False
-
-    @property
-    def shape(self):
-        return f"B{self.B} H{self.H} La{self.La} Lb{self.Lb} D{self.D}"
-
-    def inputs(self, device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        make = lambda L: torch.randn(self.B, self.H, L, self.D, generator=g).to(device, dtype)
-        return make(self.La), make(self.La), make(self.La), make(self.Lb), make(self.Lb), make(self.Lb)
-
-    def differentiable(self, inputs):
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        return leaves, leaves
-
-    def lengths_label(self, lengths):
-        return "-"
-
-    def flops(self, lengths) -> float:
-        fwd = 2 * 4.0 * self.B * self.H * self.La * self.Lb * self.D
-        return fwd * (3.5 if self.mode == "fwd+bwd" else 1.0)
-
-
-def co_providers(case, device, dtype, full: bool):
-    """Outputs are concatenated so every provider returns one tensor to check."""
-    both = lambda a, b: torch.cat([a.flatten(), b.flatten()])
-    out = {"eager": lambda qa, ka, va, qb, kb, vb: both(eager(qa, kb, vb, None), eager(qb, ka, va, None))}
-    problem = Problem.of("co_attention", torch.empty(0, device=device, dtype=dtype), head_dim=case.D)
-    for name, why in reasons(problem, explicit=True).items():
-        if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
-            out[f"mmkernels-{name}"] = (lambda backend: lambda *t: both(*mmkernels.co_attention(*t, backend=backend)))(name)
-            out[f"two-calls-{name}"] = (lambda backend: lambda qa, ka, va, qb, kb, vb: both(
-                mmkernels.cross_attention(qa, kb, vb, backend=backend), mmkernels.cross_attention(qb, ka, va, backend=backend)))(name)
     return out
 
 
@@ -259,10 +208,7 @@ def _masked_flex():
 
 def masked_providers(case, device, dtype, full: bool):
     out = {"eager": masked_eager}
-    problem = Problem.of("cross_attention", torch.empty(0, device=device, dtype=dtype), head_dim=case.D)
-    for name, why in reasons(problem, explicit=True).items():
-        if why is not None or name == "reference" or (name == "triton" and device.type == "cpu"):
-            continue
+    for name in contenders("cross_attention", device, dtype, head_dim=case.D):
         if case.mask == "images":
             out[f"mmkernels-{name}"] = (lambda backend: lambda q, k, v, vis, given: mmkernels.cross_attention(
                 q, k, v, **given, backend=backend))(name)

@@ -1,4 +1,4 @@
-// Linear fusion, device-generic (it lives beside ops.cpp, not in cpu/): act(sum_m features_m @ weights_m^T + bias) as one accumulation
+// Linear fusion, device-generic (an ATen composite, so not in cpu/): act(sum_m features_m @ weights_m^T + bias) as one accumulation
 // of GEMMs over the virtual concatenation (never built), bias in the accumulator, activation
 // applied once. The backward never builds the concatenation either. Registered for CPU; the same
 // code serves CUDA tensors through cuBLAS until a fused epilogue kernel exists.
@@ -6,37 +6,37 @@
 
 #include <vector>
 
-#include "checks.h"
-#include "common.h"
+#include "../checks.h"
+#include "../common.h"
+#include "../limits.h"
 
 namespace mmkernels {
 namespace {
 
-// The order of mmkernels/ops/linear_fusion.py ACTIVATIONS.
-enum Activation : int64_t { kNone = 0, kRelu, kGelu, kSilu, kTanh, kSigmoid, kActivations };
+using namespace limits;  // Activation: the order of mmkernels/limits.py ACTIVATIONS
 
 at::Tensor activate(const at::Tensor& pre, int64_t activation) {
   switch (activation) {
-    case kNone: return pre;
-    case kRelu: return at::relu(pre);
-    case kGelu: return at::gelu(pre);
-    case kSilu: return at::silu(pre);
-    case kTanh: return at::tanh(pre);
-    case kSigmoid: return at::sigmoid(pre);
+    case kActivationNone: return pre;
+    case kActivationRelu: return at::relu(pre);
+    case kActivationGelu: return at::gelu(pre);
+    case kActivationSilu: return at::silu(pre);
+    case kActivationTanh: return at::tanh(pre);
+    case kActivationSigmoid: return at::sigmoid(pre);
   }
-  TORCH_CHECK(false, "linear_fusion: activation index must be in [0, 5], got ", activation);
+  TORCH_CHECK(false, "linear_fusion: activation index must be in [0, ", kActivations - 1, "], got ", activation);
 }
 
 at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, int64_t activation) {
   switch (activation) {
-    case kNone: return grad;
-    case kRelu: return grad * (pre > 0);
-    case kGelu: return at::gelu_backward(grad, pre);
-    case kSilu: return at::silu_backward(grad, pre);
-    case kTanh: return at::tanh_backward(grad, at::tanh(pre));
-    case kSigmoid: return at::sigmoid_backward(grad, at::sigmoid(pre));
+    case kActivationNone: return grad;
+    case kActivationRelu: return grad * (pre > 0);
+    case kActivationGelu: return at::gelu_backward(grad, pre);
+    case kActivationSilu: return at::silu_backward(grad, pre);
+    case kActivationTanh: return at::tanh_backward(grad, at::tanh(pre));
+    case kActivationSigmoid: return at::sigmoid_backward(grad, at::sigmoid(pre));
   }
-  TORCH_CHECK(false, "linear_fusion: activation index must be in [0, 5], got ", activation);
+  TORCH_CHECK(false, "linear_fusion: activation index must be in [0, ", kActivations - 1, "], got ", activation);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_fusion_native(at::TensorList features, at::TensorList weights,
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fusion_native(at::TensorList features,
   }
   for (size_t m = 0; m < features.size(); ++m) pre.addmm_(features[m], weights[m].t());
   // Without an activation the output is the pre-activation; the backward does not need it.
-  if (activation == kNone) return {pre, at::empty({0}, pre.options())};
+  if (activation == kActivationNone) return {pre, at::empty({0}, pre.options())};
   return {activate(pre, activation), pre};
 }
 
@@ -64,7 +64,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> linear_
   const int64_t rows = features[0].size(0), out_dim = weights[0].size(0);
   checks::rows_like(grad_out, "grad_out", features[0], "features[0]", rows);
   TORCH_CHECK(grad_out.size(1) == out_dim, "grad_out must have width N = ", out_dim, ", got ", grad_out.size(1));
-  if (activation != kNone) checks::exact(pre, "pre", {rows, out_dim}, features[0], features[0].scalar_type());
+  if (activation != kActivationNone) checks::exact(pre, "pre", {rows, out_dim}, features[0], features[0].scalar_type());
   const at::Tensor g = activation_backward(grad_out, pre, activation);
   std::vector<at::Tensor> grad_features, grad_weights;
   for (size_t m = 0; m < features.size(); ++m) {

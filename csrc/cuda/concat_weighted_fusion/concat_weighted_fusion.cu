@@ -7,9 +7,9 @@
 
 #include <algorithm>
 
-#include "../checks.h"
-#include "../common.h"
-#include "../fusion_weight_grad.h"
+#include "../../checks.h"
+#include "../../common.h"
+#include "../../fusion_weight_grad.h"
 #include "concat_weighted_fusion.cuh"
 
 namespace mmkernels {

@@ -3,8 +3,8 @@
 // fuses the epilogue into the GEMM; here it is one GEMM and one elementwise pass.
 #include <torch/library.h>
 
-#include "checks.h"
-#include "common.h"
+#include "../checks.h"
+#include "../common.h"
 
 namespace mmkernels {
 namespace {

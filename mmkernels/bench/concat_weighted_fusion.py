@@ -4,12 +4,11 @@ import dataclasses
 import torch
 
 import mmkernels
-from mmkernels.backends import reasons
-from mmkernels.backends.base import Problem
+from mmkernels.bench.backends import contenders
 
 
 @dataclasses.dataclass
-class FusionCase:
+class ConcatWeightedFusionCase:
     M: int
     rows: int
     D: int
@@ -42,16 +41,14 @@ class FusionCase:
 
 
 def eager(features, weight, bias):
-    """cat -> linear -> softmax -> weighted sum, as written in the seed documents."""
+    """cat -> linear -> softmax -> weighted sum: the composite a model writes by hand."""
     w = torch.softmax(torch.nn.functional.linear(torch.cat(features, -1), weight, bias), -1)
     return (torch.stack(features, -1) * w.unsqueeze(-2)).sum(-1)
 
 
 def providers(case, device, dtype, full: bool):
     out = {"eager": eager}
-    problem = Problem.of("concat_weighted_fusion", torch.empty(0, device=device, dtype=dtype), modalities=case.M)
-    for name, why in reasons(problem, explicit=True).items():
-        if why is None and name != "reference" and not (name == "triton" and device.type == "cpu"):
-            out[f"mmkernels-{name}"] = (lambda backend: lambda f, w, b: mmkernels.concat_weighted_fusion(f, w, b, backend=backend))(name)
+    for name in contenders("concat_weighted_fusion", device, dtype, modalities=case.M):
+        out[f"mmkernels-{name}"] = (lambda backend: lambda f, w, b: mmkernels.concat_weighted_fusion(f, w, b, backend=backend))(name)
     out["compile"] = torch.compile(eager, dynamic=False)  # what a user would try first, on any device
     return out

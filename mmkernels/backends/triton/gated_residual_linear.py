@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from mmkernels.backends import native
+from mmkernels.backends.triton.common import matmul_acc
 from mmkernels.backends.triton.config import INTERPRET
-from mmkernels.backends.triton.linear import _matmul_acc
 
 
 @triton.jit
@@ -17,7 +17,7 @@ def _kernel(X, H, W, Bias, TanhGate, RowMask, Out, Proj, rows, N, K, sx, sh, sw,
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
-    acc = _matmul_acc(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), H, sh, W, sw, rm, rn, rows, N, K, PRECISION, BLOCK_K)
+    acc = matmul_acc(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), H, sh, W, sw, rm, rn, rows, N, K, PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < rows) & (rn[None, :] < N)

@@ -11,17 +11,24 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <iterator>
 #include <limits>
 
-#include "../common.h"
-#include "../philox.h"
-#include "attention/params.h"
+#include "../../common.h"
+#include "../../limits.h"
+#include "../../philox.h"
+#include "params.h"
 
 namespace mmkernels {
 namespace {
 
 using attention::Operand;
 using attention::Params;
+
+// The head dims run() instantiates; mmkernels/limits.py tells Python the same.
+static_assert(std::size(limits::kCudaAttentionHeadDims) == 2 && limits::kCudaAttentionHeadDims[0] == 64 &&
+                  limits::kCudaAttentionHeadDims[1] == 128,
+              "CUDA_ATTENTION_HEAD_DIMS in mmkernels/limits.py must match the head dims run() instantiates");
 
 void check_supported(const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,

@@ -6,37 +6,16 @@ sum (or weighted concat) of the values is written once. Backward: per row block,
 gradients (rows x M, fp32) and every feature/value gradient; the weight gradient is then
 dlogits^T @ features_m over fixed row chunks (deterministic: no atomics).
 
-Triton can't index a list of pointers, so up to MAX_M modalities travel as separate pointer
-arguments and `_pick` selects one with a compile-time index inside tl.static_range.
+Triton can't index a list of pointers, so up to MAX_MODALITIES modalities travel as separate
+pointer arguments and `pick` (common.py) selects one with a compile-time index inside tl.static_range.
 """
 import torch
 import triton
 import triton.language as tl
 
+from mmkernels.backends.triton.common import padded, pick
 from mmkernels.backends.triton.config import fusion_config
-
-MAX_M = 8
-WEIGHT_GRAD_CHUNK = 8192
-
-
-@triton.jit
-def _pick(m: tl.constexpr, P0, P1, P2, P3, P4, P5, P6, P7):
-    if m == 0:
-        return P0
-    elif m == 1:
-        return P1
-    elif m == 2:
-        return P2
-    elif m == 3:
-        return P3
-    elif m == 4:
-        return P4
-    elif m == 5:
-        return P5
-    elif m == 6:
-        return P6
-    else:
-        return P7
+from mmkernels.limits import WEIGHT_GRAD_CHUNK
 
 
 @triton.jit
@@ -46,7 +25,7 @@ def _gate_logits(F0, F1, F2, F3, F4, F5, F6, F7, FMeta, W, w_ld, Bias, rows, row
     cols0 = tl.arange(0, BLOCK_C)
     logits = tl.zeros([rows.shape[0], MP], tl.float32)
     for m in tl.static_range(M):
-        f = _pick(m, F0, F1, F2, F3, F4, F5, F6, F7)
+        f = pick(m, F0, F1, F2, F3, F4, F5, F6, F7)
         stride, width, offset = tl.load(FMeta + 3 * m), tl.load(FMeta + 3 * m + 1), tl.load(FMeta + 3 * m + 2)
         for c0 in range(0, width, BLOCK_C):
             cols = c0 + cols0
@@ -81,7 +60,7 @@ def _fwd_kernel(
     out_rows = Out + rows[:, None].to(tl.int64) * out_stride
     if CONCAT:
         for m in tl.static_range(M):
-            v = _pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
+            v = pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
             stride, width, offset = tl.load(VMeta + 3 * m), tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
             gm = _column(g, mods, m)
             for c0 in range(0, width, BLOCK_C):
@@ -96,7 +75,7 @@ def _fwd_kernel(
             mask = row_ok[:, None] & (cols[None, :] < width)
             acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
             for m in tl.static_range(M):
-                v = _pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
+                v = pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
                 x = tl.load(v + rows[:, None].to(tl.int64) * tl.load(VMeta + 3 * m) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 acc += _column(g, mods, m)[:, None] * x
             tl.store(out_rows + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
@@ -119,7 +98,7 @@ def _bwd_kernel(
     # dg_m = <dout_m, v_m>, then the softmax: dlogits = g * (dg - sum_m g_m dg_m)
     dg = tl.zeros([BLOCK_R, MP], tl.float32)
     for m in tl.static_range(M):
-        v = _pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
+        v = pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
         stride, width, offset = tl.load(VMeta + 3 * m), tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
         d_off = offset if CONCAT else 0
         part = tl.zeros([BLOCK_R], tl.float32)
@@ -137,7 +116,7 @@ def _bwd_kernel(
         v_width, v_offset = tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
         d_off = v_offset if CONCAT else 0
         gm = _column(g, mods, m)
-        df = _pick(m, DF0, DF1, DF2, DF3, DF4, DF5, DF6, DF7)
+        df = pick(m, DF0, DF1, DF2, DF3, DF4, DF5, DF6, DF7)
         for c0 in range(0, f_width, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < f_width)
@@ -147,7 +126,7 @@ def _bwd_kernel(
                 grad += gm[:, None] * tl.load(DOut + rows64 * dout_stride + d_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(df + rows64 * f_width + cols[None, :], grad.to(df.dtype.element_ty), mask=mask)
         if SEPARATE_VALUES:
-            dv = _pick(m, DV0, DV1, DV2, DV3, DV4, DV5, DV6, DV7)
+            dv = pick(m, DV0, DV1, DV2, DV3, DV4, DV5, DV6, DV7)
             for c0 in range(0, v_width, BLOCK_C):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols[None, :] < v_width)
@@ -164,10 +143,6 @@ def _meta(tensors, device):
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def _padded(tensors):
-    return list(tensors) + [tensors[0]] * (MAX_M - len(tensors))
-
-
 def concat_weighted_fusion(features, weight, bias, values, concat):
     # The kernels take a row stride for rows, and read the small weight and bias as contiguous.
     weight, bias = weight.contiguous(), bias.contiguous() if bias is not None else None
@@ -180,7 +155,7 @@ def concat_weighted_fusion(features, weight, bias, values, concat):
         return out, gate
     block_r, block_c, warps = fusion_config()
     _fwd_kernel[(triton.cdiv(rows, block_r),)](
-        *_padded(features), *_padded(vals), _meta(features, out.device), _meta(vals, out.device),
+        *padded(features), *padded(vals), _meta(features, out.device), _meta(vals, out.device),
         weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0), gate, rows,
         M=M, MP=max(2, triton.next_power_of_2(M)), HAS_BIAS=bias is not None, CONCAT=concat,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
@@ -198,8 +173,8 @@ def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, co
     if rows > 0:
         block_r, block_c, warps = fusion_config()
         _bwd_kernel[(triton.cdiv(rows, block_r),)](
-            *_padded(features), *_padded(vals), _meta(features, gate.device), _meta(vals, gate.device),
-            *_padded(grad_features), *_padded(grad_values or grad_features),
+            *padded(features), *padded(vals), _meta(features, gate.device), _meta(vals, gate.device),
+            *padded(grad_features), *padded(grad_values or grad_features),
             weight, weight.stride(0), grad_out, grad_out.stride(0), gate, dlogits, rows,
             M=M, MP=max(2, triton.next_power_of_2(M)), CONCAT=concat, SEPARATE_VALUES=bool(values),
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,

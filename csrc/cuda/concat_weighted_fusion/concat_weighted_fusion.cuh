@@ -14,9 +14,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../../limits.h"
+
 namespace mmkernels::fusion {
 
-constexpr int kMaxModalities = 8;
+using limits::kMaxModalities;  // mmkernels/limits.py MAX_MODALITIES
 constexpr int kWarp = 32;
 
 template <typename T>

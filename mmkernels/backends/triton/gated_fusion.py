@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from mmkernels.backends import native
+from mmkernels.backends.triton.common import TANH, activate
 from mmkernels.backends.triton.config import INTERPRET
-from mmkernels.backends.triton.linear import _activate
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _kernel(XA, XB, WA, WB, WZ, BA, BB, BZ, Out, HA, HB, Z, rows, N, Ka, Kb, sxa
         acc_b += tl.load(BB + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BZ:
         acc_z += tl.load(BZ + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    h_a, h_b, z = _activate(acc_a, 4), _activate(acc_b, 4), tl.sigmoid(acc_z)  # 4: tanh
+    h_a, h_b, z = activate(acc_a, TANH), activate(acc_b, TANH), tl.sigmoid(acc_z)
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     mask = (rm[:, None] < rows) & col_ok[None, :]
     tl.store(Out + offs, (z * h_a + (1.0 - z) * h_b).to(Out.dtype.element_ty), mask=mask)
