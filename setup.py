@@ -122,6 +122,7 @@ setup(
     name="mmkernels",
     version=VERSION,
     packages=find_packages(include=["mmkernels", "mmkernels.*"]),
+    package_data={"mmkernels": ["py.typed"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["mmkernels=mmkernels.cli:main"]},

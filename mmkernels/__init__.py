@@ -4,8 +4,12 @@
     mmkernels.concat_weighted_fusion(features, weight, bias, values=..., output="sum")
 """
 import os
+import warnings
 
-import torch  # noqa: F401  (libtorch must be loaded before the extension)
+with warnings.catch_warnings():
+    # torch warns at import when NumPy is missing; mmkernels never uses NumPy, so that is noise here.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 
 def _load_extension():

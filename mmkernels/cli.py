@@ -1,25 +1,50 @@
 """The `mmkernels` console command: `mmkernels info`, `mmkernels bench [...]`."""
 import argparse
 import sys
+import warnings
+
+# Noise for these commands, not for the user: torch's import-time notes about a missing NumPy or
+# CUDA runtime (neither is needed to run mmkernels on a CPU).
+QUIET = (r"Failed to initialize NumPy", r".*No CUDA runtime is found", r".*CUDA initialization")
+
+
+def version_text() -> str:
+    import torch
+
+    import mmkernels
+
+    return (f"mmkernels {mmkernels.__version__} (built against torch {mmkernels._C.torch_version}, running torch "
+            f"{torch.__version__}; compiled backends: {', '.join(mmkernels._C.compiled_backends)})")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mmkernels")
-    sub = parser.add_subparsers(dest="command", required=True)
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    parser = argparse.ArgumentParser(prog="mmkernels", description="Fused kernels for multimodal models: facts and benchmarks.")
+    parser.add_argument("--version", action="store_true", help="the version, and the torch it was built against")
+    sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build facts and what is usable here")
-    bench = sub.add_parser("bench", help="benchmark every backend against its peers")
-    from mmkernels.bench.cli import add_arguments
+    from mmkernels.bench import cli as bench_cli
 
-    add_arguments(bench)
+    bench_cli.add_arguments(sub.add_parser("bench", help="benchmark every backend against its peers"))
     args = parser.parse_args(argv)
-    if args.command == "info":
-        from mmkernels.info import format_info
-
-        print(format_info())
+    if args.version:
+        print(version_text())
         return 0
-    from mmkernels.bench.cli import run
+    if args.command is None:
+        parser.error("a command is required: info or bench (or --version)")
+    from mmkernels.ops.checks import InvalidInput
 
-    return run(args)
+    try:
+        if args.command == "info":
+            from mmkernels.info import format_info
+
+            print(format_info())
+            return 0
+        return bench_cli.run(args)
+    except InvalidInput as e:  # a bad argument: the message says which, no traceback
+        print(f"mmkernels {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

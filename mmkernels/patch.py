@@ -3,8 +3,13 @@ import dataclasses
 import weakref
 
 from torch import nn
+from torch.nn.modules.activation import MultiheadAttention as StockMHA  # where it is defined: tests rebind nn's name
 
 from mmkernels.nn import ConcatWeightedFusion, CrossModalAttention
+
+# Every parameter nn.MultiheadAttention may own; a subclass with others can't be swapped losslessly.
+MHA_PARAMETERS = {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+                  "out_proj.weight", "out_proj.bias"}
 
 # replacement -> the module it replaced, for unpatch(). Kept outside the modules so that
 # torch.save(model) after patch() does not also save every original layer.
@@ -17,22 +22,65 @@ def _is_attention_fusion_module(module):
     return cls.__name__ == "AttentionFusionModule" and cls.__module__.startswith("torchmultimodal")
 
 
-# kind -> (matches, why it can't be replaced or None, make the replacement)
+def _is_mha(module) -> bool:
+    return isinstance(module, StockMHA) and not isinstance(module, CrossModalAttention)
+
+
+def _mha_refusal(module) -> str | None:
+    """Why an nn.MultiheadAttention (or a subclass) can't be swapped, or None."""
+    cls = type(module)
+    if cls is StockMHA:
+        return None
+    if cls.forward is not StockMHA.forward:
+        return f"{cls.__name__} overrides forward(): its own attention code would be lost"
+    extra = sorted(set(dict(module.named_parameters())) - MHA_PARAMETERS) + sorted(name for name, _ in module.named_buffers())
+    if extra:
+        return f"{cls.__name__} adds parameters or buffers ({', '.join(extra)}) that the replacement would not carry"
+    return None
+
+
+# What a replaced MultiheadAttention runs, and its per-call exceptions.
+MHA_NOTE = ("attention layers run fused, dropout, key padding, causal and one-span masks included; per call, only a float "
+            "bias or a mask with holes inside a row falls back to SDPA (each layer's last_fallback says why), and a call "
+            "with need_weights=True (nn.MultiheadAttention's default) also computes the (L, S) weights beside the kernel")
+
+# kind -> (matches, why it can't be replaced or None, make the replacement, how the replacement runs)
 RULES = {
-    "MultiheadAttention": (lambda m: type(m) is nn.MultiheadAttention, lambda m: None, CrossModalAttention.from_module),
-    "AttentionFusionModule": (_is_attention_fusion_module, lambda m: None, ConcatWeightedFusion.from_module),
+    "MultiheadAttention": (_is_mha, _mha_refusal, CrossModalAttention.from_module, "fused"),
+    "AttentionFusionModule": (_is_attention_fusion_module, lambda m: None, ConcatWeightedFusion.from_module, "fused, always"),
 }
 
 
 @dataclasses.dataclass
 class PatchReport:
-    replaced: list = dataclasses.field(default_factory=list)  # (path, old class, new class)
-    left_alone: list = dataclasses.field(default_factory=list)  # (path, class, why)
+    """What patch() did: replaced (path, old class, new class), left_alone (path, class, why),
+    runs (path -> how the replacement runs), and notes. After the model has run, str(report)
+    also counts each replaced attention layer's fused and fallback calls, with the last reason."""
+
+    replaced: list = dataclasses.field(default_factory=list)
+    left_alone: list = dataclasses.field(default_factory=list)
+    runs: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+    modules: dict = dataclasses.field(default_factory=dict, repr=False)  # path -> weakref to the new module
+
+    def calls(self) -> dict:
+        """path -> (fused calls, fallback calls, last fallback reason) of each replaced attention layer."""
+        out = {}
+        for path, ref in self.modules.items():
+            m = ref()
+            if isinstance(m, CrossModalAttention):
+                out[path] = (m.fused_calls, m.fallback_calls, m.last_fallback)
+        return out
 
     def __str__(self):
         lines = [f"mmkernels.patch: replaced {len(self.replaced)}, left {len(self.left_alone)} alone"]
-        lines += [f"  replaced {p}: {old} -> {new}" for p, old, new in self.replaced]
+        calls = self.calls()
+        for p, old, new in self.replaced:
+            fused, fallback, why = calls.get(p, (0, 0, None))
+            so_far = f"; so far {fused} fused calls, {fallback} fallbacks" + (f" (last: {why})" if fallback else "")
+            lines.append(f"  replaced {p}: {old} -> {new} (runs {self.runs.get(p, 'fused')}{so_far if fused or fallback else ''})")
         lines += [f"  left {p} ({cls}): {why}" for p, cls, why in self.left_alone]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -42,18 +90,21 @@ def _children(model):
             yield parent, name, f"{parent_path}.{name}" if parent_path else name, child
 
 
-def patch(model: nn.Module, *, include=None, verbose=False) -> PatchReport:
-    """Replaces, in place, every stock module that mmkernels has a layer for (kinds in RULES;
-    include= limits them) and returns what was replaced and what was left alone and why.
-    unpatch() puts the originals back (they are remembered by the process, not saved with
-    the model)."""
+def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchReport:
+    """Replaces, in place, every stock module that mmkernels has a layer for (kinds in RULES:
+    nn.MultiheadAttention and its subclasses that keep its forward and parameters, torchmultimodal's
+    AttentionFusionModule; include= limits them) and returns what was replaced, how it will run,
+    and what was left alone and why. On a Hugging Face transformers model, whose attention runs in
+    functions, it switches attn_implementation to "mmkernels" where the model allows it.
+    unpatch() puts the originals back (they are remembered by the process, not saved with the
+    model)."""
     kinds = set(RULES) if include is None else set(include)
     unknown = kinds - set(RULES)
     if unknown:
         raise ValueError(f"patch(include=...) must name kinds from {sorted(RULES)}, got {sorted(unknown)}")
     report = PatchReport()
     for parent, name, path, child in list(_children(model)):
-        for kind, (matches, refusal, make) in RULES.items():
+        for kind, (matches, refusal, make, runs) in RULES.items():
             if not matches(child):
                 continue
             why = "not in include=" if kind not in kinds else refusal(child)
@@ -65,18 +116,50 @@ def patch(model: nn.Module, *, include=None, verbose=False) -> PatchReport:
             new._mmkernels_patched = True  # a flag, saved with the model, so unpatch() knows it after loading
             setattr(parent, name, new)
             report.replaced.append((path, type(child).__name__, type(new).__name__))
+            report.runs[path], report.modules[path] = runs, weakref.ref(new)
             break
+    if any(isinstance(ref(), CrossModalAttention) for ref in report.modules.values()):
+        report.notes.append(MHA_NOTE)
+    _transformers_attention(model, report)
     if verbose:
         print(report)
     return report
 
 
+def _transformers_attention(model: nn.Module, report: PatchReport):
+    """A Hugging Face model computes attention in functions, not in nn.MultiheadAttention
+    modules: switch it to attn_implementation="mmkernels" where it allows that, else say how."""
+    if not (hasattr(model, "config") and hasattr(model, "set_attn_implementation")
+            and type(model).__module__.startswith("transformers")):
+        return
+    from mmkernels.integrations import transformers as mmt
+
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == mmt.NAME:
+        report.notes.append(f"{type(model).__name__} already uses attn_implementation={mmt.NAME!r}")
+        return
+    if not model._can_set_attn_implementation():
+        report.notes.append(f"{type(model).__name__} can't switch its attention implementation after loading: build it with "
+                            f"attn_implementation={mmt.NAME!r} after mmkernels.integrations.transformers.register()")
+        return
+    mmt.register()
+    model.set_attn_implementation(mmt.NAME)
+    model._mmkernels_previous_attn_implementation = previous
+    report.notes.append(f"{type(model).__name__}: attn_implementation {previous!r} -> {mmt.NAME!r} (its attention runs in "
+                        "functions, not modules; unpatch() switches it back)")
+
+
 def unpatch(model: nn.Module) -> int:
-    """Puts back the modules patch() replaced, with what was trained meanwhile; returns how
-    many. A patched model loaded from a file has no originals in this process: its patched
-    CrossModalAttention layers become new nn.MultiheadAttention layers with their weights, and
-    its other patched layers stay."""
+    """Puts back the modules patch() replaced, with what was trained meanwhile (and a transformers
+    model's attention implementation); returns how many. A patched model loaded from a file has no
+    originals in this process: its patched CrossModalAttention layers become new
+    nn.MultiheadAttention layers with their weights, and its other patched layers stay."""
     restored = 0
+    previous = getattr(model, "_mmkernels_previous_attn_implementation", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        del model._mmkernels_previous_attn_implementation
+        restored += 1
     for parent, name, _, child in list(_children(model)):
         original = _ORIGINALS.pop(child, None)
         if original is not None:

@@ -325,3 +325,44 @@ def test_torchscript_kv_lengths_in_sequence_first_layout():
     q, k = torch.randn(5, 3, E), torch.randn(7, 3, 16)
     lengths = torch.tensor([7, 4, 1])
     torch.testing.assert_close(scripted(q, k, k, kv_lengths=lengths)[0], attn(q, k, k, kv_lengths=lengths)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_patch_report_says_how_each_layer_runs_and_counts_its_calls():
+    """The README's decoder, in training (dropout 0.1, a causal mask, padded memory): every
+    attention call runs fused, and the report says so after the run."""
+    model = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, 64, dropout=0.1, batch_first=True), 2).train()
+    report = mmkernels.patch(model)
+    assert "0 fused" not in str(report) and "runs fused" in str(report)
+    tgt, memory = torch.randn(2, 6, E), torch.randn(2, 9, E)
+    model(tgt, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_is_causal=True,
+          memory_key_padding_mask=torch.arange(9) >= torch.tensor([[9], [4]])).sum().backward()
+    assert report.calls() and all(c[:2] == (1, 0) for c in report.calls().values())
+    assert "so far 1 fused calls, 0 fallbacks" in str(report)
+    bias = torch.randn(6, 6)  # a real float bias: the one kind of mask that falls back
+    model(tgt, memory, tgt_mask=bias)
+    fallbacks = [c for c in report.calls().values() if c[1]]
+    assert len(fallbacks) == 2 and "bias" in fallbacks[0][2] and "(last: attn_mask" in str(report)
+
+
+def test_patch_takes_subclasses_that_keep_stock_forward():
+    class Renamed(nn.MultiheadAttention):
+        pass
+
+    class OwnForward(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class ExtraParameter(nn.MultiheadAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.temperature = nn.Parameter(torch.ones(1))
+
+    model = nn.ModuleDict({"a": Renamed(E, H, batch_first=True), "b": OwnForward(E, H), "c": ExtraParameter(E, H)})
+    x = torch.randn(2, 5, E)
+    before = model["a"](x, x, x)[0]
+    report = mmkernels.patch(model)
+    assert [p for p, _, _ in report.replaced] == ["a"] and isinstance(model["a"], CrossModalAttention)
+    torch.testing.assert_close(model["a"](x, x, x)[0], before, atol=1e-5, rtol=1e-4)
+    why = dict((p, w) for p, _, w in report.left_alone)
+    assert "overrides forward()" in why["b"] and "temperature" in why["c"]
+    assert mmkernels.unpatch(model) == 1 and type(model["a"]) is Renamed

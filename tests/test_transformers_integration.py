@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import mmkernels  # noqa: E402
 import mmkernels.integrations.transformers as mmt  # noqa: E402
 from mmkernels.masks import to_ranges  # noqa: E402
 from transformers import MllamaForCausalLM, MllamaTextConfig  # noqa: E402
@@ -196,3 +197,18 @@ def test_causal_self_attention_without_a_mask_is_fused(calls):
         expected, got = sdpa(input_ids=ids).logits, ours(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert calls["fused"] and all(c.get("causal") or "kv_end" in c for c in calls["fused"])
+
+
+def test_patch_switches_a_transformers_model_to_the_fused_attention(calls):
+    """A Hugging Face model's attention runs in functions, not in nn.MultiheadAttention modules:
+    patch() switches attn_implementation (and says so), unpatch() switches it back."""
+    sdpa, _ = mllama_models()
+    batch = mllama_batch([[BOS, IMAGE, 5, 6, 7, IMAGE, 8, 9, 10, 11]], tiles=[[2, 3]])
+    with torch.no_grad():
+        expected = sdpa(**batch).logits
+    report = mmkernels.patch(sdpa)
+    assert not report.replaced and "attn_implementation 'sdpa' -> 'mmkernels'" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert len([c for c in calls["fused"] if "kv_start" in c]) == 2
+    assert mmkernels.unpatch(sdpa) == 1 and sdpa.config._attn_implementation == "sdpa"

@@ -1,9 +1,18 @@
-"""`mmkernels bench`: the curated sweep for the device it finds, a table, a CSV and plots."""
+"""`mmkernels bench`: the curated sweep for the device it finds, a table, a CSV and plots.
+
+Results go to a fresh temporary folder unless --out names one; --save merges them, case by case,
+into the checkout's benchmarks/results/ (where the README's numbers come from). tqdm and
+matplotlib (the [bench] extra) are optional: without them a plain progress line, no plots."""
 import argparse
 import contextlib
 import os
+import tempfile
 
 import torch
+
+from mmkernels.ops.checks import fail
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "results")
 
 
 def op_choices() -> list[str]:
@@ -18,45 +27,88 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--full", action="store_true", help="the long sweep, with every peer")
     parser.add_argument("--op", choices=op_choices(), help="only this op (or whole-layer case)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and plots")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    parser.add_argument("--out", help="folder for the CSV and plots (default: a new temporary folder)")
+    parser.add_argument("--save", action="store_true",
+                        help=f"also merge the rows, case by case, into the checkout's results ({RESULTS})")
     parser.add_argument("--load", action="store_true",
                         help="the attention cases again, with another process keeping one core busy (cpu)")
 
 
-def run(args) -> int:
-    from tqdm import tqdm
+def parse_device(name: str | None) -> torch.device:
+    """--device, checked: a clear message instead of a traceback deep in the first case."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible to torch here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
+
+def progress(cases):
+    """(case, write) pairs: tqdm's bar when it is installed, else a plain line per case."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for i, case in enumerate(cases, 1):
+            print(f"[{i}/{len(cases)}] {case.op} {case.mode} {case.shape}", flush=True)
+            yield case, print
+        return
+    bar = tqdm(cases, desc="cases", unit="case")
+    for case in bar:
+        yield case, bar.write
+
+
+def run(args) -> int:
     from mmkernels.bench import report, suites
+    from mmkernels.bench.measure import busy_core, measured_peaks
     from mmkernels.bench.runner import run_case
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.save and not os.path.isdir(RESULTS):
+        fail(f"--save merges into a source checkout's benchmarks/results, and there is none at {RESULTS}; use --out")
     cases = (suites.cuda_cases if device.type == "cuda" else suites.cpu_cases)(args.full)
     cases = [c for c in cases if args.op in (None, c.op)]
     if args.load:
         cases = [c for c in cases if c.op == "cross_attention"]
-    from mmkernels.bench.measure import measured_peaks
-
     peaks = measured_peaks(device.type, str(dtype).removeprefix("torch."))
     print(f"mmkernels bench on {report.device_name(device)}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"measured peaks (% peak below is of these): matmul {peaks['TFLOP/s']:.3f} TFLOP/s, copy {peaks['GB/s']:.1f} GB/s")
     results = []
-    from mmkernels.bench.measure import busy_core
-
     with busy_core() if args.load else contextlib.nullcontext():
         if args.load:
             print("another process keeps one core busy for these runs")
-        for case in tqdm(cases, desc="cases", unit="case"):
+        for case, write in progress(cases):
             case_results = run_case(case, device, dtype, args.full)
-            tqdm.write(report.format_case(case_results, dtype, peaks))
+            write(report.format_case(case_results, dtype, peaks))
             results.append(case_results)
-    os.makedirs(args.out, exist_ok=True)
+    out = args.out or tempfile.mkdtemp(prefix="mmkernels-bench-")
+    os.makedirs(out, exist_ok=True)
     tag = f"{device.type}-{str(dtype).removeprefix('torch.')}{'-full' if args.full else ''}{'-load' if args.load else ''}"
-    path = os.path.join(args.out, f"{tag}.csv")
-    report.write_csv(path, [row for rs in results for row in report.csv_rows(rs, device, dtype, peaks)])
-    from mmkernels.bench.plots import plot
-
-    for written in [path, *plot(path, args.out)]:
-        print(f"wrote {written}")
+    rows = [row for rs in results for row in report.csv_rows(rs, device, dtype, peaks)]
+    written = [report.write_csv(os.path.join(out, f"{tag}.csv"), rows)]
+    if args.save:
+        written.append(report.merge_csv(os.path.join(RESULTS, f"{tag}.csv"), rows))
+    for path in list(written):
+        written += plots_for(path)
+    for path in written:
+        print(f"wrote {path}")
     return 0
+
+
+def plots_for(csv_path) -> list[str]:
+    try:
+        from mmkernels.bench.plots import plot
+
+        return plot(csv_path, os.path.dirname(csv_path))
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install 'mmkernels[bench]' for plots and a progress bar)")
+        return []

@@ -32,6 +32,11 @@ def best_mmkernels(results):
     return min(timed, key=lambda r: r.time_ms) if timed else None
 
 
+def speedup_text(ratio: float) -> str:
+    """A peer's time over ours, in words: '2.50x faster', or '4.00x slower' (never '0.25x faster')."""
+    return f"{ratio:6.2f}x faster" if ratio >= 1 else f"{1 / ratio:6.2f}x slower"
+
+
 def format_case(results, dtype, peaks):
     case = results[0].case
     from mmkernels.bench.runner import unit as unit_of
@@ -48,7 +53,7 @@ def format_case(results, dtype, peaks):
             continue
         ratio = ""
         if ours is not None and r is not ours:
-            ratio = f"{r.time_ms / ours.time_ms:6.2f}x faster"
+            ratio = speedup_text(r.time_ms / ours.time_ms)
             if r.peak_mib and ours.peak_mib is not None:
                 ratio += f"   memory {ours.peak_mib / r.peak_mib:6.1%} of this"
         lines.append(f"  {r.provider:<18}{r.time_ms:>10.3f}{r.throughput:>10.2f}{r.throughput / peak:>8.0%}{(r.peak_mib or 0):>10.1f}  {ratio}")
@@ -76,8 +81,36 @@ def csv_rows(results, device, dtype, peaks):
                    peak_mib=f"{r.peak_mib:.1f}" if r.peak_mib is not None else "", note=r.note)
 
 
-def write_csv(path, rows):
+def write_csv(path, rows) -> str:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def _case_key(row) -> tuple:
+    return tuple(row[k] for k in ("device", "dtype", "op", "mode", "shape", "lengths"))
+
+
+def merge_csv(path, rows) -> str:
+    """Writes rows into the CSV at path case by case: a case measured again replaces its old rows
+    where they stood, the other cases stay, new cases are appended."""
+    rows = list(rows)
+    old = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    new_by_case = {}
+    for r in rows:
+        new_by_case.setdefault(_case_key(r), []).append(r)
+    merged, placed = [], set()
+    for r in old:
+        key = _case_key(r)
+        if key not in new_by_case:
+            merged.append(r)
+        elif key not in placed:
+            merged += new_by_case[key]
+            placed.add(key)
+    merged += [r for key, rs in new_by_case.items() if key not in placed for r in rs]
+    return write_csv(path, merged)

@@ -75,6 +75,7 @@ class CrossModalAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn  # one more key and value row of zeros
         self.last_fallback = None  # why the last call took the SDPA path, or None when it ran fused
+        self.fused_calls = self.fallback_calls = 0  # what mmkernels.patch's report counts
         self._reset_parameters()
 
     def _reset_parameters(self):  # as nn.MultiheadAttention
@@ -251,6 +252,11 @@ class CrossModalAttention(nn.Module):
             kv_lengths = None  # folded into key_padding_mask, which the extra keys extend
         dropout = self.dropout if self.training else 0.0
         fused, self.last_fallback = self._fused_arguments(q, k, key_padding_mask, attn_mask, is_causal, kv_lengths, need_weights)
+        if not torch.compiler.is_compiling():
+            if fused is None:
+                self.fallback_calls += 1
+            else:
+                self.fused_calls += 1
         if fused is not None:
             out = cross_attention(q, k, v, dropout_p=dropout, **fused)
         else:

@@ -1,0 +1,85 @@
+"""The `mmkernels` command: --version, arguments checked with clear messages, bench without its
+optional extras, results out of the checkout unless asked, merged by case when asked."""
+import csv
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import cli
+from mmkernels.bench import cli as bench_cli
+from mmkernels.bench import report, suites
+from mmkernels.bench.gated_residual_linear import GatedResidualCase
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"mmkernels {mmkernels.__version__}") and f"running torch {torch.__version__}" in out
+
+
+@pytest.mark.parametrize("device,message", [("foo", "--device must be cpu or cuda[:N], got 'foo'"),
+                                            ("mps", "--device must be cpu or cuda[:N], got 'mps'")])
+def test_bench_device_is_checked(device, message, capsys):
+    assert cli.main(["bench", "--device", device]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_a_command_is_required(capsys):
+    with pytest.raises(SystemExit):
+        cli.main([])
+    assert "a command is required" in capsys.readouterr().err
+
+
+def test_speedups_below_one_read_as_slower():
+    assert report.speedup_text(2.5).strip() == "2.50x faster"
+    assert report.speedup_text(0.25).strip() == "4.00x slower"
+
+
+@pytest.fixture
+def tiny_suite(monkeypatch):
+    """One small case with its eager, fused and compiled peers (compile replaced: seconds on a CPU)."""
+    monkeypatch.setattr(suites, "cpu_cases", lambda full: [GatedResidualCase(64, 16, 8, "fwd")])
+    from mmkernels.bench import gated_residual_linear
+
+    real = gated_residual_linear.providers
+    monkeypatch.setattr(gated_residual_linear, "providers",
+                        lambda *a: {k: v for k, v in real(*a).items() if k != "compile"})
+    monkeypatch.setattr("mmkernels.bench.measure.measured_peaks", lambda *a: {"TFLOP/s": 1.0, "GB/s": 1.0})
+
+
+def test_bench_runs_without_its_extras_and_writes_to_a_temporary_folder(tiny_suite, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["bench", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] gated_residual_linear fwd" in out and "no plots: matplotlib is not installed" in out
+    written = [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("wrote ")]
+    assert len(written) == 1 and written[0].startswith(tempfile.gettempdir()) and written[0].endswith("cpu-float32.csv")
+
+
+def test_bench_save_merges_by_case(tiny_suite, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(bench_cli, "RESULTS", str(results))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    kept = dict.fromkeys(report.FIELDS, "")
+    kept.update(device=report.device_name(torch.device("cpu")), dtype="float32", op="linear_fusion", mode="fwd", shape="other",
+                lengths="-", provider="eager", time_ms="1.0")
+    stale = dict(kept, op="gated_residual_linear", shape=GatedResidualCase(64, 16, 8, "fwd").shape, provider="old", time_ms="9")
+    report.write_csv(str(results / "cpu-float32.csv"), [stale, kept])
+    assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / "out"), "--save"]) == 0
+    with open(results / "cpu-float32.csv") as f:
+        rows = list(csv.DictReader(f))
+    providers = [r["provider"] for r in rows if r["op"] == "gated_residual_linear"]
+    assert "old" not in providers and "eager" in providers and "mmkernels-cpu" in providers
+    assert rows[-1]["op"] == "linear_fusion" and rows[-1]["shape"] == "other"  # the other case stays, in its place
+    assert (tmp_path / "out" / "cpu-float32.csv").exists()
