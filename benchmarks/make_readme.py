@@ -10,6 +10,7 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SUPPORT_START, SUPPORT_END = "<!-- support:start -->", "<!-- support:end -->"
+PROFILE_START, PROFILE_END = "<!-- profile:start -->", "<!-- profile:end -->"
 PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
 
 
@@ -66,14 +67,46 @@ def support_section():
     return support_table()
 
 
+def profile_section():
+    """`mmkernels profile --size real` on a CPU: benchmarks/results/profile-cpu-*.csv, with the
+    machine line of the run's text report beside it."""
+    from mmkernels.bench.report import speedup_text
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "profile-*.csv"))):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        text = os.path.splitext(path)[0] + ".txt"
+        machine = ""
+        if os.path.exists(text):  # its header: from the "machine:" line to the "idle:"/"load:" line
+            with open(text) as f:
+                lines = [line.strip() for line in f]
+            start = next((i for i, line in enumerate(lines) if line.startswith("machine:")), None)
+            end = next((i for i, line in enumerate(lines) if line.startswith(("idle:", "load:"))), start)
+            if start is not None:
+                machine = " ".join(lines[start:end + 1]).removeprefix("machine: ")
+        out += [f"{machine} ([csv]({os.path.relpath(path, ROOT)}), per-module tables in "
+                f"[{os.path.basename(text)}]({os.path.relpath(text, ROOT)})). Speed-up = stock time / mmkernels time.\n",
+                "| recipe | size | mode | stock ms | mmkernels ms | speed-up | peak MiB (stock / mmkernels) | time in fused ops | max abs diff |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ratio = speedup_text(float(r["stock_ms"]) / float(r["mmkernels_ms"])).strip()
+            out.append(f"| {r['recipe']} | {r['size']} | {r['mode']} | {float(r['stock_ms']):.0f} | {float(r['mmkernels_ms']):.0f} | "
+                       f"{ratio} | {r['stock_peak_mib']} / {r['mmkernels_peak_mib']} | {float(r['fused_share']):.0%} | {r['max_abs_diff']} |")
+        out.append("")
+    return "\n".join(out).strip() or "No profile committed yet."
+
+
 def main():
-    paths = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.csv")), key=lambda p: (p.endswith("-load.csv"), p))
+    paths = sorted((p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.csv"))
+                    if not os.path.basename(p).startswith("profile-")), key=lambda p: (p.endswith("-load.csv"), p))
     body = "\n\n".join(filter(None, (section(p) for p in paths))) or "No results committed yet."
     readme_path = os.path.join(ROOT, "README.md")
     with open(readme_path) as f:
         readme = f.read()
     new = replace_between(readme, START, END, body)
     new = replace_between(new, SUPPORT_START, SUPPORT_END, support_section())
+    new = replace_between(new, PROFILE_START, PROFILE_END, profile_section())
     with open(readme_path, "w") as f:
         f.write(new)
 

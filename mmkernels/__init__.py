@@ -41,6 +41,7 @@ from mmkernels.ops import attention_dropout_mask, co_attention, concat_weighted_
 from mmkernels.ops.checks import InvalidInput
 from mmkernels import nn  # noqa: E402
 from mmkernels.patch import PatchReport, patch, unpatch
+from mmkernels.profiling import profile
 
 __version__ = _C.__version__
 
@@ -59,6 +60,7 @@ __all__ = [
     "nn",
     "patch",
     "PatchReport",
+    "profile",
     "unpatch",
     "use_backend",
 ]

@@ -1,4 +1,4 @@
-"""The `mmkernels` console command: `mmkernels info`, `mmkernels bench [...]`."""
+"""The `mmkernels` console command: `mmkernels info`, `mmkernels bench [...]`, `mmkernels profile [...]`."""
 import argparse
 import sys
 import warnings
@@ -20,19 +20,21 @@ def version_text() -> str:
 def main(argv=None):
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
-    parser = argparse.ArgumentParser(prog="mmkernels", description="Fused kernels for multimodal models: facts and benchmarks.")
+    parser = argparse.ArgumentParser(prog="mmkernels", description="Fused kernels for multimodal models: facts, benchmarks, profiles.")
     parser.add_argument("--version", action="store_true", help="the version, and the torch it was built against")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build facts and what is usable here")
     from mmkernels.bench import cli as bench_cli
+    from mmkernels.profiling import cli as profile_cli
 
     bench_cli.add_arguments(sub.add_parser("bench", help="benchmark every backend against its peers"))
+    profile_cli.add_arguments(sub.add_parser("profile", help="a whole model, stock against patched"))
     args = parser.parse_args(argv)
     if args.version:
         print(version_text())
         return 0
     if args.command is None:
-        parser.error("a command is required: info or bench (or --version)")
+        parser.error("a command is required: info, bench or profile (or --version)")
     from mmkernels.ops.checks import InvalidInput
 
     try:
@@ -41,7 +43,7 @@ def main(argv=None):
 
             print(format_info())
             return 0
-        return bench_cli.run(args)
+        return (bench_cli if args.command == "bench" else profile_cli).run(args)
     except InvalidInput as e:  # a bad argument: the message says which, no traceback
         print(f"mmkernels {args.command}: {e}", file=sys.stderr)
         return 2

@@ -83,3 +83,9 @@ def test_bench_save_merges_by_case(tiny_suite, tmp_path, monkeypatch, capsys):
     assert "old" not in providers and "eager" in providers and "mmkernels-cpu" in providers
     assert rows[-1]["op"] == "linear_fusion" and rows[-1]["shape"] == "other"  # the other case stays, in its place
     assert (tmp_path / "out" / "cpu-float32.csv").exists()
+
+
+def test_profile_command_runs_a_recipe(capsys):
+    assert cli.main(["profile", "--recipe", "transformer_decoder", "--size", "tiny", "--no-backward", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_decoder" in out and ("faster" in out or "slower" in out)

@@ -17,7 +17,6 @@ transformers' own sdpa function, and the reason is logged once at debug level.
 """
 import logging
 
-import torch
 
 from mmkernels.masks import SHARED
 from mmkernels.ops import cross_attention
