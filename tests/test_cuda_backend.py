@@ -11,6 +11,7 @@ from attention_cases import Case
 from fusion_cases import FusionCase
 from mmkernels.backends import choose, native
 from mmkernels.backends.base import Problem, rows_aligned
+from mmkernels.limits import CUDA_ATTENTION_HEAD_DIMS
 import test_concat_weighted_fusion
 import test_cross_attention
 
@@ -33,7 +34,7 @@ def attention_problem(dtype=torch.float16, head_dim=128, aligned=True):
 @needs_cuda_build
 def test_cuda_attention_runs_when_named():
     for dtype in HALF:
-        for head_dim in native.CUDA_ATTENTION_HEAD_DIMS:
+        for head_dim in CUDA_ATTENTION_HEAD_DIMS:
             assert native.why_not_cuda(attention_problem(dtype, head_dim), explicit=True) is None
 
 

@@ -30,7 +30,6 @@ from mmkernels.backends.triton.config import INTERPRET, attention_autotune
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read only those globals
-MAX_HEAD_DIM = 256
 
 
 @triton.jit
