@@ -1,11 +1,14 @@
 """The `mmkernels` console command: `mmkernels info`, `mmkernels bench [...]`, `mmkernels profile [...]`."""
 import argparse
+import logging
 import sys
 import warnings
 
-# Noise for these commands, not for the user: torch's import-time notes about a missing NumPy or
-# CUDA runtime (neither is needed to run mmkernels on a CPU).
+# Noise for these commands, not for the user: torch's notes about a missing NumPy or CUDA runtime
+# (neither is needed to run mmkernels on a CPU), as warnings and as log lines of cpp_extension
+# (which torch.compile imports).
 QUIET = (r"Failed to initialize NumPy", r".*No CUDA runtime is found", r".*CUDA initialization")
+QUIET_LOGGERS = ("torch.utils.cpp_extension",)
 
 
 def version_text() -> str:
@@ -20,6 +23,8 @@ def version_text() -> str:
 def main(argv=None):
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(prog="mmkernels", description="Fused kernels for multimodal models: facts, benchmarks, profiles.")
     parser.add_argument("--version", action="store_true", help="the version, and the torch it was built against")
     sub = parser.add_subparsers(dest="command")
