@@ -330,7 +330,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t B = V.B, Hq = V.Hq, Lq = V.Lq, D = q.size(3);
   const int64_t group = Hq / k.size(1);
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);  // padded head dim
-  const int64_t Rp = round_up(kBlockQ, P);                                  // score tile row width
+  const int64_t Rp = round_up(std::clamp<int64_t>(Lq, 1, kBlockQ), P);     // score tile row width (a short Lq, a small tile)
   const Rows<scalar_t> Q(q), K(k), Vv(v), O(out);
   const Stats<kPair> stats{lse.data_ptr<typename Stats<kPair>::T>()};
   const int64_t q_blocks = (Lq + kBlockQ - 1) / kBlockQ;
@@ -344,6 +344,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                    std::vector<acc_t>(kBlockK * Rp), std::vector<acc_t>(Rp * Dp),      std::vector<acc_t>(Rp),
                    std::vector<acc_t>(Rp),           std::vector<acc_t>(Rp),           std::vector<char>(Rp)};
   };
+  const int64_t work = 2 * B * Hq * Lq * k.size(2) * Dp;  // QK^T and PV, every key: an upper bound
   cpu::for_each_task(B * Hq * q_blocks, make, [&](int64_t task, Scratch& S) {
     const int64_t b = task / (Hq * q_blocks), h = (task / q_blocks) % Hq, hk = h / group;
     const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, Lq - i0);
@@ -401,7 +402,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         stats.store(row0 + r, static_cast<double>(S.m[r]), std::log(static_cast<double>(S.l[r])));
       }
     }
-  });
+  }, work);
 }
 
 template <typename scalar_t, bool kPair>
@@ -414,7 +415,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t B = V.B, Hq = V.Hq, Lq = V.Lq, Lk = V.Lk, D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv;
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);
-  const int64_t Rp = round_up(kBlockQ, P);
+  const int64_t Rp = round_up(std::clamp<int64_t>(Lq, 1, kBlockQ), P);
   const Rows<scalar_t> Q(q), K(k), Vv(v), O(out), dO(grad_out), dQ(dq_t), dK(dk_t), dV(dv_t);
   const Stats<kPair> stats{const_cast<typename Stats<kPair>::T*>(lse.data_ptr<typename Stats<kPair>::T>())};
 
@@ -429,6 +430,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                    std::vector<acc_t>(Rp),           std::vector<acc_t>(Rp),           std::vector<acc_t>(Rp),
                    {},                               {},                               std::vector<char>(Rp)};
   };
+  const int64_t work = 5 * B * Hq * Lq * Lk * Dp;  // the backward's five products, every key: an upper bound
   cpu::for_each_task(B * Hkv, make, [&](int64_t task, Scratch& S) {
     const int64_t b = task / Hkv, hk = task % Hkv;
     S.dk.assign(Lk * Dp, acc_t(0));
@@ -520,7 +522,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       dK.store(b, hk, j, S.dk.data() + j * Dp, D, acc_t(1));
       dV.store(b, hk, j, S.dv.data() + j * Dp, D, acc_t(1));
     }
-  });
+  }, work);
 }
 
 void check_operand(const at::Tensor& t, const at::Tensor& q, const char* name) {

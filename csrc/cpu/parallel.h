@@ -16,13 +16,20 @@
 
 namespace mmkernels::cpu {
 
+// A call with less work than this per thread (multiply-adds) runs on fewer threads: waking a
+// thread costs microseconds when the core is idle and far more when another process holds it,
+// which is what made small attention calls (a decoding step, a tiny layer) slower than their work.
+constexpr int64_t kWorkPerThread = int64_t(1) << 17;
+
 // Calls body(task, state) for every task in [0, n), each exactly once. make_state() builds one
-// thread's scratch (buffers) once per thread and call.
+// thread's scratch (buffers) once per thread and call. work: the call's multiply-adds, if known,
+// so that a small call runs on as many threads as its work is worth (one, inline, for the smallest).
 template <typename MakeState, typename Body>
-void for_each_task(int64_t n, MakeState&& make_state, Body&& body) {
+void for_each_task(int64_t n, MakeState&& make_state, Body&& body, int64_t work = -1) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  if (work >= 0) workers = std::clamp<int64_t>(work / kWorkPerThread, 1, workers);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto state = make_state();
     for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < n;
