@@ -14,6 +14,11 @@ PROFILE_START, PROFILE_END = "<!-- profile:start -->", "<!-- profile:end -->"
 PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
 
 
+def ratio_cell(ratio: float) -> str:
+    """A peer's time over ours: '1.46x' when we are faster, '1.20x slower' when not (never '0.83x')."""
+    return f"{ratio:.2f}x" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
 def section(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
@@ -25,7 +30,9 @@ def section(path):
     peers = [p for p in PEERS if any(r["provider"] == p and r["time_ms"] for r in rows)]
     first = rows[0]
     load = " **with another process keeping one core busy**" if path.endswith("-load.csv") else ", idle"
-    out = [f"**{first['device']}**{load}, {first['dtype']}, torch {first['torch']}, commit {first['commit']}, {first['date']} "
+    runs = list(dict.fromkeys(f"commit {r['commit']}, {r['date']}" for r in rows))  # cases merged in later by bench --save
+    when = runs[0] if len(runs) == 1 else f"{runs[0]} (cases added by `bench --save`: {'; '.join(runs[1:])})"
+    out = [f"**{first['device']}**{load}, {first['dtype']}, torch {first['torch']}, {when} "
            f"([csv]({os.path.relpath(path, ROOT)})). Speed-up = peer time / mmkernels time; "
            "TFLOP/s count only unpadded keys.\n",
            "| case | lengths | mmkernels ms | " + " | ".join(f"vs {p}" for p in peers) + " | peak MiB (ours / eager) |",
@@ -45,7 +52,7 @@ def section(path):
         cells = []
         for p in peers:
             r = by.get(p)
-            cells.append(f"{float(r['time_ms']) / float(best['time_ms']):.2f}x" if r and r["time_ms"] else "n/a")
+            cells.append(ratio_cell(float(r["time_ms"]) / float(best["time_ms"])) if r and r["time_ms"] else "n/a")
         eager_mem = by.get("eager", {}).get("peak_mib") or "-"
         name = f"{op} {mode} {shape} ({best['provider'].removeprefix('mmkernels-')}, {float(best['throughput']):.2f} {best['throughput_unit']})"
         lens = "full" if lengths == "-" else ("ragged" if re.fullmatch(r"[\d/]+", lengths) else lengths)
