@@ -3,9 +3,9 @@ import dataclasses
 import weakref
 
 from torch import nn
-from torch.nn.modules.activation import MultiheadAttention as StockMHA  # where it is defined: tests rebind nn's name
 
 from mmkernels.nn import ConcatWeightedFusion, CrossModalAttention
+from mmkernels.nn.cross_modal_attention import STOCK_MHA as StockMHA
 
 # Every parameter nn.MultiheadAttention may own; a subclass with others can't be swapped losslessly.
 MHA_PARAMETERS = {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v",
@@ -23,7 +23,7 @@ def _is_attention_fusion_module(module):
 
 
 def _is_mha(module) -> bool:
-    return isinstance(module, StockMHA) and not isinstance(module, CrossModalAttention)
+    return isinstance(module, StockMHA)
 
 
 def _mha_refusal(module) -> str | None:
@@ -93,15 +93,17 @@ def _children(model):
 def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchReport:
     """Replaces, in place, every stock module that mmkernels has a layer for (kinds in RULES:
     nn.MultiheadAttention and its subclasses that keep its forward and parameters, torchmultimodal's
-    AttentionFusionModule; include= limits them) and returns what was replaced, how it will run,
-    and what was left alone and why. On a Hugging Face transformers model, whose attention runs in
-    functions, it switches attn_implementation to "mmkernels" where the model allows it.
+    AttentionFusionModule) and returns what was replaced, how it will run, and what was left alone
+    and why. Kind "attn_implementation": a Hugging Face transformers model (or one inside the
+    model), whose attention runs in functions, is switched to attn_implementation="mmkernels"
+    where it allows that. include= limits the kinds.
     unpatch() puts the originals back (they are remembered by the process, not saved with the
     model)."""
-    kinds = set(RULES) if include is None else set(include)
-    unknown = kinds - set(RULES)
+    known = {*RULES, "attn_implementation"}
+    kinds = known if include is None else set(include)
+    unknown = kinds - known
     if unknown:
-        raise ValueError(f"patch(include=...) must name kinds from {sorted(RULES)}, got {sorted(unknown)}")
+        raise ValueError(f"patch(include=...) must name kinds from {sorted(known)}, got {sorted(unknown)}")
     report = PatchReport()
     for parent, name, path, child in list(_children(model)):
         for kind, (matches, refusal, make, runs) in RULES.items():
@@ -120,7 +122,8 @@ def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchRepo
             break
     if any(isinstance(ref(), CrossModalAttention) for ref in report.modules.values()):
         report.notes.append(MHA_NOTE)
-    _transformers_attention(model, report)
+    if "attn_implementation" in kinds:
+        _transformers_attention(model, report)
     if verbose:
         print(report)
     return report
@@ -128,38 +131,37 @@ def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchRepo
 
 def _transformers_attention(model: nn.Module, report: PatchReport):
     """A Hugging Face model computes attention in functions, not in nn.MultiheadAttention
-    modules: switch it to attn_implementation="mmkernels" where it allows that, else say how."""
-    if not (hasattr(model, "config") and hasattr(model, "set_attn_implementation")
-            and type(model).__module__.startswith("transformers")):
-        return
+    modules: switch each one to attn_implementation="mmkernels" where it allows that, else say how."""
     from mmkernels.integrations import transformers as mmt
 
-    previous = getattr(model.config, "_attn_implementation", None)
-    if previous == mmt.NAME:
-        report.notes.append(f"{type(model).__name__} already uses attn_implementation={mmt.NAME!r}")
-        return
-    if not model._can_set_attn_implementation():
-        report.notes.append(f"{type(model).__name__} can't switch its attention implementation after loading: build it with "
-                            f"attn_implementation={mmt.NAME!r} after mmkernels.integrations.transformers.register()")
-        return
-    mmt.register()
-    model.set_attn_implementation(mmt.NAME)
-    model._mmkernels_previous_attn_implementation = previous
-    report.notes.append(f"{type(model).__name__}: attn_implementation {previous!r} -> {mmt.NAME!r} (its attention runs in "
-                        "functions, not modules; unpatch() switches it back)")
+    for hf in mmt.pretrained_models(model):
+        name, previous = type(hf).__name__, getattr(hf.config, "_attn_implementation", None)
+        if previous == mmt.NAME:
+            report.notes.append(f"{name} already uses attn_implementation={mmt.NAME!r}")
+        elif not isinstance(previous, str) or not hf._can_set_attn_implementation():
+            report.notes.append(f"{name} can't switch its attention implementation after loading: build it with "
+                                f"attn_implementation={mmt.NAME!r} after mmkernels.integrations.transformers.register()")
+        else:
+            mmt.register()
+            hf.set_attn_implementation(mmt.NAME)
+            hf._mmkernels_previous_attn_implementation = previous
+            report.notes.append(f"{name}: attn_implementation {previous!r} -> {mmt.NAME!r} (its attention runs in functions, "
+                                "not modules; unpatch() switches it back)")
 
 
 def unpatch(model: nn.Module) -> int:
-    """Puts back the modules patch() replaced, with what was trained meanwhile (and a transformers
-    model's attention implementation); returns how many. A patched model loaded from a file has no
+    """Puts back the modules patch() replaced, with what was trained meanwhile, and the attention
+    implementation of the transformers models it switched; returns how many of both. A patched model loaded from a file has no
     originals in this process: its patched CrossModalAttention layers become new
     nn.MultiheadAttention layers with their weights, and its other patched layers stay."""
+    from mmkernels.integrations import transformers as mmt
+
     restored = 0
-    previous = getattr(model, "_mmkernels_previous_attn_implementation", None)
-    if previous is not None:
-        model.set_attn_implementation(previous)
-        del model._mmkernels_previous_attn_implementation
-        restored += 1
+    for hf in mmt.pretrained_models(model):
+        if hasattr(hf, "_mmkernels_previous_attn_implementation"):
+            hf.set_attn_implementation(hf._mmkernels_previous_attn_implementation)
+            del hf._mmkernels_previous_attn_implementation
+            restored += 1
     for parent, name, _, child in list(_children(model)):
         original = _ORIGINALS.pop(child, None)
         if original is not None:

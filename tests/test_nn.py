@@ -366,3 +366,11 @@ def test_patch_takes_subclasses_that_keep_stock_forward():
     why = dict((p, w) for p, _, w in report.left_alone)
     assert "overrides forward()" in why["b"] and "temperature" in why["c"]
     assert mmkernels.unpatch(model) == 1 and type(model["a"]) is Renamed
+
+
+def test_a_layer_pickled_before_the_call_counters_still_runs():
+    layer = CrossModalAttention(E, H, batch_first=True)
+    del layer.fused_calls, layer.fallback_calls  # as a layer saved by mmkernels 0.1.0 comes back
+    x = torch.randn(2, 5, E)
+    layer(x, x, x)
+    assert layer.fused_calls == 1

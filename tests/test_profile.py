@@ -132,3 +132,14 @@ def test_readme_profile_table_is_the_committed_csv():
     spec.loader.exec_module(make_readme)
     assert f"<!-- profile:start -->\n{make_readme.profile_section()}\n<!-- profile:end -->" in (root / "README.md").read_text(), \
         "the README's profile table is stale: run python benchmarks/make_readme.py"
+
+
+def test_gradients_that_share_no_parameter_name_are_not_a_match():
+    """fwd+bwd compares gradients by parameter name: none in common must not read as agreement."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    other = nn.Sequential(nn.Linear(4, 4))
+    other[0].load_state_dict(model.state_dict())
+    result = profile(model, torch.randn(3, 4), fused=other, iters=1)
+    fwd, fwd_bwd = result.modes
+    assert fwd.agree and not fwd_bwd.agree

@@ -212,3 +212,13 @@ def test_patch_switches_a_transformers_model_to_the_fused_attention(calls):
         torch.testing.assert_close(sdpa(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     assert len([c for c in calls["fused"] if "kv_start" in c]) == 2
     assert mmkernels.unpatch(sdpa) == 1 and sdpa.config._attn_implementation == "sdpa"
+
+
+def test_patch_include_can_leave_the_attention_implementation_alone():
+    sdpa, _ = mllama_models()
+    wrapper = torch.nn.ModuleDict({"lm": sdpa})  # a transformers model inside the user's own module
+    report = mmkernels.patch(wrapper, include=["MultiheadAttention"])
+    assert sdpa.config._attn_implementation == "sdpa" and not report.notes
+    report = mmkernels.patch(wrapper)
+    assert sdpa.config._attn_implementation == mmt.NAME and "MllamaForCausalLM: attn_implementation" in str(report)
+    assert mmkernels.unpatch(wrapper) == 1 and sdpa.config._attn_implementation == "sdpa"

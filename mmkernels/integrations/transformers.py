@@ -16,6 +16,7 @@ express (a bias, holes inside a row, per-head differences, softcap, position bia
 transformers' own sdpa function, and the reason is logged once at debug level.
 """
 import logging
+import sys
 
 
 from mmkernels.masks import SHARED
@@ -24,6 +25,17 @@ from mmkernels.ops import cross_attention
 NAME = "mmkernels"
 log = logging.getLogger("mmkernels.integrations.transformers")
 _logged: set = set()
+
+
+def pretrained_models(model) -> list:
+    """The outermost transformers PreTrainedModels in `model` (itself, or inside a wrapper);
+    none when transformers was never imported (then there can be none)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return []
+    if isinstance(model, transformers.PreTrainedModel):
+        return [model]
+    return [m for child in model.children() for m in pretrained_models(child)]
 
 
 def _is_cross_attention(module) -> bool:

@@ -9,7 +9,7 @@ from mmkernels import masks
 from mmkernels.ops import cross_attention
 from mmkernels.ops.checks import InvalidInput
 
-_STOCK = nn.MultiheadAttention  # bound at import: tests and users may rebind torch.nn's name
+STOCK_MHA = nn.MultiheadAttention  # bound at import: tests and users may rebind torch.nn's name
 
 
 class ShapeError(InvalidInput, AssertionError):
@@ -39,6 +39,11 @@ class CrossModalAttention(nn.Module):
     AssertionError), add_bias_kv / add_zero_attn, merge_masks, NestedTensor inputs (stock's
     forward on these weights), TorchScript (torch's own attention math on these weights).
     """
+
+    # What mmkernels.patch's report counts (eager calls; a compiled graph does not count). Class
+    # defaults too, so a layer pickled before the counters existed still runs.
+    fused_calls: int = 0
+    fallback_calls: int = 0
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
@@ -75,7 +80,7 @@ class CrossModalAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn  # one more key and value row of zeros
         self.last_fallback = None  # why the last call took the SDPA path, or None when it ran fused
-        self.fused_calls = self.fallback_calls = 0  # what mmkernels.patch's report counts
+        self.fused_calls = self.fallback_calls = 0
         self._reset_parameters()
 
     def _reset_parameters(self):  # as nn.MultiheadAttention
@@ -92,7 +97,7 @@ class CrossModalAttention(nn.Module):
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention) -> "CrossModalAttention":
         """A CrossModalAttention with mha's configuration and a copy of its weights."""
-        if not isinstance(mha, _STOCK):
+        if not isinstance(mha, STOCK_MHA):
             raise TypeError(f"CrossModalAttention.from_module expects nn.MultiheadAttention, got {type(mha).__name__}")
         w = mha.out_proj.weight
         layer = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
@@ -105,7 +110,7 @@ class CrossModalAttention(nn.Module):
     def to_stock(self) -> nn.MultiheadAttention:
         """The nn.MultiheadAttention this layer replaces, with a copy of its weights."""
         w = self.out_proj.weight
-        mha = _STOCK(self.embed_dim, self.num_heads, self.dropout, bias=self.in_proj_bias is not None,
+        mha = STOCK_MHA(self.embed_dim, self.num_heads, self.dropout, bias=self.in_proj_bias is not None,
                      add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn, kdim=self.kdim,
                      vdim=self.vdim, batch_first=self.batch_first, device=w.device, dtype=w.dtype)
         mha.load_state_dict(self.state_dict())
@@ -180,7 +185,7 @@ class CrossModalAttention(nn.Module):
                        is_causal: bool, kv_lengths: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         if query.is_nested or key.is_nested or value.is_nested:
             # stock's NestedTensor contract, on these weights: its fused fast path, or its error
-            return _STOCK.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+            return STOCK_MHA.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                   average_attn_weights, is_causal)
         unbatched = not self._check_inputs(query, key, value, key_padding_mask, attn_mask, kv_lengths)
         if unbatched:

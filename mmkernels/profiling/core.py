@@ -2,7 +2,6 @@
 import collections
 import copy
 import statistics
-import sys
 import time
 
 import torch
@@ -103,8 +102,9 @@ def profile(model, inputs, *, fused: nn.Module | None = None, backward: bool = T
 
 
 def _is_transformers_model(model) -> bool:
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+    from mmkernels.integrations.transformers import pretrained_models
+
+    return pretrained_models(model) == [model]
 
 
 def describe_stock(model) -> str:
@@ -239,9 +239,11 @@ def _compare_outputs(expected, got):
 
 def _compare_grads(stock, fused):
     """Largest difference over the gradients of parameters both models have (patch() keeps
-    parameter names), against the largest stock gradient."""
+    parameter names), against the largest stock gradient. No gradient compared at all is a
+    disagreement (inf), not a match."""
     theirs = dict(fused.named_parameters())
     diff = scale = 0.0
+    compared = 0
     for name, p in stock.named_parameters():
         q = theirs.get(name)
         if p.grad is None or q is None:
@@ -249,8 +251,8 @@ def _compare_grads(stock, fused):
         if q.grad is None:
             return float("inf"), 0.0
         d, s = _max_diff(q.grad, p.grad)
-        diff, scale = max(diff, d), max(scale, s)
-    return diff, scale
+        diff, scale, compared = max(diff, d), max(scale, s), compared + 1
+    return (diff, scale) if compared else (float("inf"), 0.0)
 
 
 def _profiled(sides, modes, steps, device, trace):
