@@ -15,8 +15,10 @@ PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "comp
 
 
 def ratio_cell(ratio: float) -> str:
-    """A peer's time over ours: '1.46x' when we are faster, '1.20x slower' when not (never '0.83x')."""
-    return f"{ratio:.2f}x" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    """A peer's time over ours, as bench prints it, less the word "faster": '1.46x', '1.20x slower'."""
+    from mmkernels.bench.report import speedup_text
+
+    return speedup_text(ratio).strip().removesuffix(" faster")
 
 
 def section(path):

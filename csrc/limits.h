@@ -9,6 +9,5 @@ constexpr int kMaxModalities = 8;
 constexpr int64_t kWeightGradChunk = 8192;
 enum Activation : int64_t { kActivationNone = 0, kActivationRelu = 1, kActivationGelu = 2, kActivationSilu = 3, kActivationTanh = 4, kActivationSigmoid = 5, kActivations = 6 };
 constexpr int kCudaAttentionHeadDims[] = {64, 128};
-constexpr int kTritonMaxHeadDim = 256;
 
 }  // namespace mmkernels::limits

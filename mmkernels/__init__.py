@@ -41,9 +41,17 @@ from mmkernels.ops import attention_dropout_mask, co_attention, concat_weighted_
 from mmkernels.ops.checks import InvalidInput
 from mmkernels import nn  # noqa: E402
 from mmkernels.patch import PatchReport, patch, unpatch
-from mmkernels.profiling import profile
 
 __version__ = _C.__version__
+
+
+def __getattr__(name):
+    # mmkernels.profile(model, inputs), imported on first use: the profiler stays out of `import mmkernels`.
+    if name == "profile":
+        from mmkernels.profiling import profile
+
+        return profile
+    raise AttributeError(f"module 'mmkernels' has no attribute {name!r}")
 
 __all__ = [
     "attention_dropout_mask",

@@ -4,10 +4,10 @@ import logging
 import sys
 import warnings
 
-# Noise for these commands, not for the user: torch's notes about a missing NumPy or CUDA runtime
-# (neither is needed to run mmkernels on a CPU), as warnings and as log lines of cpp_extension
-# (which torch.compile imports).
-QUIET = (r"Failed to initialize NumPy", r".*No CUDA runtime is found", r".*CUDA initialization")
+# Noise for these commands, not for the user: torch's notes about a missing CUDA runtime (not
+# needed to run mmkernels on a CPU), as warnings and as log lines of cpp_extension (which
+# torch.compile imports). The NumPy note is filtered where mmkernels imports torch.
+QUIET = (r".*No CUDA runtime is found", r".*CUDA initialization")
 QUIET_LOGGERS = ("torch.utils.cpp_extension",)
 
 

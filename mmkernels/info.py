@@ -8,6 +8,24 @@ from mmkernels import _C
 from mmkernels.backends import available_backends
 
 
+def usable_device(value, name: str = "device") -> torch.device:
+    """value as a torch.device that can run here, or InvalidInput naming the argument `name`."""
+    from mmkernels.ops.checks import fail
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        fail(f"{name} must be 'cpu' or 'cuda' (or 'cuda:N'), got {value!r}")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"{name} must be 'cpu' or 'cuda' (or 'cuda:N'), got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"{name} {value!r} was asked for, but no GPU is usable here: torch.cuda.is_available() is False "
+             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"{name} {value!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def info() -> dict:
     cuda_ok = torch.cuda.is_available()
     triton_ok = importlib.util.find_spec("triton") is not None

@@ -1,6 +1,6 @@
 """The numbers more than one backend must agree on, in one place.
 
-Plain Python with no imports, so that tools/gen_limits.py can write them into csrc/limits.h for
+Plain Python with no imports, so that tools/gen_headers.py can write them into csrc/limits.h for
 the C++ and CUDA kernels (a test fails when that header is stale): a limit changed here reaches
 every backend, or CI says which file to regenerate.
 """

@@ -39,7 +39,8 @@ class Capability:
     dtypes: the input dtypes. head_dims: a range or a set of attention head dims (None: no limit
     or not an attention op). max_modalities: the most modalities a fusion kernel takes.
     aligned_rows: every row must start on a 16-byte boundary. gpu_verified: the kernel has passed
-    the GPU suite on a GPU (only meaningful for GPU backends). auto: whether auto may pick it;
+    the GPU suite on a GPU (only meaningful for GPU backends; the support table says so where
+    not). auto: whether auto may pick it;
     False leaves it to an explicit backend= (an unverified kernel). fits: a last check of the
     problem (None or why not), for limits that are measured rather than declared."""
 
@@ -124,7 +125,8 @@ def add(spec: OpSpec) -> OpSpec:
     return spec
 
 
-def _cell(c: Capability | None) -> str:
+def _cell(c: Capability | None, gpu: bool) -> str:
+    """One table cell; gpu: the backend runs on GPUs, so whether it has run on one is said."""
     if c is None:
         return "—"
     short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -138,7 +140,9 @@ def _cell(c: Capability | None) -> str:
     if c.aligned_rows:
         parts.append("16-byte aligned rows")
     if not c.auto:
-        parts.append("**only when named** (not yet run on a GPU)")
+        parts.append("**only when named**")
+    if gpu and not c.gpu_verified:
+        parts.append("not yet run on a GPU")
     if c.note:
         parts.append(c.note)
     return "; ".join(parts)
@@ -153,5 +157,6 @@ def support_table() -> str:
     rows = [head, "|" + "---|" * (len(names) + 2)]
     for spec in SPECS.values():
         layer = f"`nn.{spec.layer}`" if spec.layer else ""
-        rows.append(f"| `{spec.name}` | {layer} | " + " | ".join(_cell(spec.backends.get(n)) for n in names) + " |")
+        cells = (_cell(spec.backends.get(n), gpu="cuda" in BACKENDS[n].devices) for n in names)
+        rows.append(f"| `{spec.name}` | {layer} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

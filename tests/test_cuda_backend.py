@@ -9,7 +9,7 @@ import torch
 import mmkernels
 from attention_cases import Case
 from fusion_cases import FusionCase
-from mmkernels.backends import choose, native
+from mmkernels.backends import choose, native, why_not
 from mmkernels.backends.base import Problem, rows_aligned
 from mmkernels.limits import CUDA_ATTENTION_HEAD_DIMS
 import test_concat_weighted_fusion
@@ -35,7 +35,7 @@ def attention_problem(dtype=torch.float16, head_dim=128, aligned=True):
 def test_cuda_attention_runs_when_named():
     for dtype in HALF:
         for head_dim in CUDA_ATTENTION_HEAD_DIMS:
-            assert native.why_not_cuda(attention_problem(dtype, head_dim), explicit=True) is None
+            assert why_not("cuda", attention_problem(dtype, head_dim), explicit=True) is None
 
 
 @needs_cuda_build
@@ -49,7 +49,7 @@ def test_cuda_attention_runs_when_named():
     ids=["fp32", "head-dim-96", "misaligned"],
 )
 def test_cuda_attention_refusals_say_why(problem, reason):
-    assert reason in native.why_not_cuda(problem, explicit=True)
+    assert reason in why_not("cuda", problem, explicit=True)
 
 
 @needs_cuda_build
@@ -57,7 +57,7 @@ def test_auto_leaves_the_unverified_attention_kernel_out():
     """Until the kernel has passed the GPU suite, auto must not pick it: triton covers CUDA."""
     if native.CUDA_ATTENTION_VERIFIED:
         pytest.skip("the cuda attention kernel is marked verified")
-    assert "not yet run on a GPU" in native.why_not_cuda(attention_problem(), explicit=False)
+    assert "not yet run on a GPU" in why_not("cuda", attention_problem(), explicit=False)
     assert choose(attention_problem()) == "triton"
     assert choose(attention_problem(), "cuda") == "cuda"
 

@@ -105,12 +105,12 @@ def test_use_backend_rejects_unknown_name():
 def test_triton_claims_on_a_gpu_are_what_fits_without_spilling():
     """budgets.ATTENTION_FITS decides which (dtype, head dim) the triton attention takes on CUDA
     tensors: what tools/compile_gpu.py measured to fit sm_80 and sm_90; the rest says why."""
-    from mmkernels.backends import triton as tb
+    from mmkernels.backends import why_not
     from mmkernels.backends.base import Problem
 
     cuda = torch.device("cuda")
     for dtype, head_dim in ((torch.float16, 128), (torch.bfloat16, 111), (torch.float32, 64), (torch.float16, 40)):
-        assert tb.why_not(Problem("cross_attention", cuda, dtype, head_dim=head_dim), explicit=True) is None
+        assert why_not("triton", Problem("cross_attention", cuda, dtype, head_dim=head_dim), explicit=True) is None
     for dtype, head_dim in ((torch.float32, 128), (torch.float16, 256)):
-        why = tb.why_not(Problem("cross_attention", cuda, dtype, head_dim=head_dim), explicit=True)
+        why = why_not("triton", Problem("cross_attention", cuda, dtype, head_dim=head_dim), explicit=True)
         assert "fits sm_80 and sm_90" in why and str(head_dim) in why

@@ -82,14 +82,13 @@ def _t(shape, dtype, scale=1.0):
 
 
 def attention_cases(dtypes, head_dims, variants, co=True):
+    from mmkernels.backends import why_not
+    from mmkernels.backends.base import Problem
     from mmkernels.backends.triton import co_attention as C
     from mmkernels.backends.triton import cross_attention as A
 
-    from mmkernels.backends import triton as triton_backend
-    from mmkernels.backends.base import Problem
-
     for dtype, D, variant in itertools.product(dtypes, head_dims, variants):
-        why = triton_backend.why_not(Problem("cross_attention", torch.device("cuda"), dtype, head_dim=D), explicit=True)
+        why = why_not("triton", Problem("cross_attention", torch.device("cuda"), dtype, head_dim=D), explicit=True)
         if why and not budgets.CANDIDATES:
             UNCLAIMED.append((f"attention {str(dtype)[6:]} hd{D}", why))
             continue

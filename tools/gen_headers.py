@@ -24,8 +24,7 @@ def limits_header() -> str:
         f"constexpr int kMaxModalities = {limits['MAX_MODALITIES']};\n"
         f"constexpr int64_t kWeightGradChunk = {limits['WEIGHT_GRAD_CHUNK']};\n"
         f"enum Activation : int64_t {{ {enum}, kActivations = {len(names)} }};\n"
-        f"constexpr int kCudaAttentionHeadDims[] = {{{dims}}};\n"
-        f"constexpr int kTritonMaxHeadDim = {limits['TRITON_MAX_HEAD_DIM']};\n\n"
+        f"constexpr int kCudaAttentionHeadDims[] = {{{dims}}};\n\n"
         "}  // namespace mmkernels::limits\n"
     )
 

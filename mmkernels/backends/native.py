@@ -28,18 +28,6 @@ def cuda_rules(p: Problem, explicit: bool) -> list[str]:
     return [] if p.device.type == "cuda" else [f"runs on cuda tensors, got {p.device.type}"]
 
 
-def why_not_cpu(p: Problem, explicit: bool) -> str | None:
-    from mmkernels.backends import why_not
-
-    return why_not("cpu", p, explicit)
-
-
-def why_not_cuda(p: Problem, explicit: bool) -> str | None:
-    from mmkernels.backends import why_not
-
-    return why_not("cuda", p, explicit)
-
-
 def cross_attention(q, k, v, *visibility):
     return _native.native_cross_attention(q, k, v, *visibility)
 

@@ -37,19 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def parse_device(name: str | None) -> torch.device:
     """--device, checked: a clear message instead of a traceback deep in the first case."""
+    from mmkernels.info import usable_device
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA GPU is visible to torch here (torch.cuda.is_available() is False)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        fail(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    return device
+    return usable_device(name, "--device")
 
 
 def progress(cases):

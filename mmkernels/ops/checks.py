@@ -10,10 +10,10 @@ import os
 
 import torch
 
+from mmkernels.spec import FLOATS as FLOAT_DTYPES
+
 CHECK_VALUES_ENV = "MMKERNELS_CHECK_VALUES"
 FREE_DEVICES = ("cpu",)  # where reading a value on the host costs no device sync
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

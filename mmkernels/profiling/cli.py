@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from mmkernels.info import usable_device
 from mmkernels.profiling import recipes
 from mmkernels.profiling.report import CSV_FIELDS
 
@@ -38,9 +39,9 @@ def run(args) -> int:
 
     names = list(recipes.RECIPES) if args.recipe == "all" else [args.recipe]
     try:
-        recipes.check_device(args.device)
+        usable_device(args.device, "--device")
     except ValueError as e:
-        print(f"mmkernels profile: --device: {e}", file=sys.stderr)
+        print(f"mmkernels profile: {e}", file=sys.stderr)
         return 2
     for flag, value, least in (("--warmup", args.warmup, 1), ("--iters", args.iters, 1)):
         if value < least:

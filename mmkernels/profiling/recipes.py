@@ -11,6 +11,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from mmkernels.info import usable_device
+
 SIZES = ("tiny", "real")
 
 
@@ -156,20 +158,6 @@ def transformer_decoder(size, device, dtype) -> Recipe:
 RECIPES = {"mllama": mllama, "blip2_qformer": blip2_qformer, "whisper": whisper, "transformer_decoder": transformer_decoder}
 
 
-def check_device(device) -> torch.device:
-    """The device, or a ValueError that says why it can't be used here."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r} ({e})") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device 'cuda' was asked for, but no GPU is usable here: torch.cuda.is_available() is False "
-                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
-    return device
-
-
 def build(name: str, size: str = "tiny", device="cpu", dtype=torch.float32) -> Recipe:
     """The recipe `name` (one of RECIPES) at `size` ("tiny" or "real"), on `device`."""
     if name not in RECIPES:
@@ -178,7 +166,7 @@ def build(name: str, size: str = "tiny", device="cpu", dtype=torch.float32) -> R
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = check_device(device)
+    device = usable_device(device)
     if RECIPES[name] is not transformer_decoder:
         try:
             import transformers  # noqa: F401

@@ -27,12 +27,6 @@ def rules(p: Problem, explicit: bool) -> list[str]:
     return []
 
 
-def why_not(p: Problem, explicit: bool) -> str | None:
-    from mmkernels.backends import why_not
-
-    return why_not("triton", p, explicit)
-
-
 def attention_fits(p: Problem) -> str | None:
     """On a GPU, the attention kernels take a (dtype, head dim) only where some tile shape of each
     of them compiles for sm_80 and sm_90 without spilling (measured: budgets.ATTENTION_FITS)."""
