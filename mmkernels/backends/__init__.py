@@ -11,6 +11,7 @@ reasons and the backends that could.
 """
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -101,13 +102,21 @@ def reasons(p: Problem, explicit: bool = False) -> dict[str, str | None]:
     return {name: why_not(name, p, explicit) for name in BACKENDS}
 
 
+@functools.lru_cache(maxsize=1024)
+def _auto(p: Problem) -> str:
+    """auto's pick for p. Cached: the answer depends only on p and on what this process has
+    (the specs, the build, triton), and every call of an op asks it, so its refusal messages
+    are written once per kind of input, not once per call."""
+    for candidate in AUTO_ORDER:
+        if why_not(candidate, p, False) is None:
+            return candidate
+    raise BackendUnavailable(f"no backend can run {p.op} on {p}: {reasons(p)}")
+
+
 def choose(p: Problem, backend: str = "") -> str:
     name = requested(backend)
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            if why_not(candidate, p, False) is None:
-                return candidate
-        raise BackendUnavailable(f"no backend can run {p.op} on {p}: {reasons(p)}")
+        return _auto(p)
     why = why_not(name, p, True)
     if why is not None:
         able = [n for n, r in reasons(p).items() if r is None]
