@@ -7,6 +7,7 @@ import time
 import torch
 from torch import nn
 
+from mmkernels.bench.report import device_name
 from mmkernels.profiling import events
 from mmkernels.profiling.report import ModeResult, ModuleRow, ProfileResult
 
@@ -93,7 +94,7 @@ def profile(model, inputs, *, fused: nn.Module | None = None, backward: bool = T
             fused_share=ours.fused_us / ours.total_us if ours.total_us else 0.0, sdpa_calls=ours.sdpa_calls,
             stock_top_ops=_top_ops(stock_run), mmkernels_top_ops=_top_ops(ours)))
     result = ProfileResult(
-        label=label or type(model).__name__, device=_device_name(device), device_type=device.type,
+        label=label or type(model).__name__, device=device_name(device), device_type=device.type,
         dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(), stock=describe_stock(model), changes=changes,
         modes=results, modules=_module_rows(runs["stock", "fwd"], runs["mmkernels", "fwd"], renamed, {type(model).__name__}),
         atol=atol, rtol=rtol, trace=trace)
@@ -158,12 +159,6 @@ def _device_and_dtype(model, inputs):
         if isinstance(v, torch.Tensor):
             return v.device, v.dtype if v.is_floating_point() else torch.float32
     return torch.device("cpu"), torch.float32
-
-
-def _device_name(device) -> str:
-    from mmkernels.bench.report import device_name
-
-    return device_name(device)
 
 
 def main_output(out) -> torch.Tensor:
