@@ -28,16 +28,11 @@ def rules(p: Problem, explicit: bool) -> list[str]:
 
 
 def attention_fits(p: Problem) -> str | None:
-    """On a GPU, the attention kernels take a (dtype, head dim) only where some tile shape of each
-    of them compiles for sm_80 and sm_90 without spilling (measured: budgets.ATTENTION_FITS)."""
+    """On a GPU, the attention kernels take a (dtype, head dim) only where every kernel has a tile
+    shape for every variant on sm_80 and sm_90 that compiles within budget (budgets.py's table,
+    measured by tools/compile_gpu.py --candidates)."""
     if p.device.type != "cuda":
         return None
     from mmkernels.backends.triton import budgets
 
-    block_d = max(16, 1 << (p.head_dim - 1).bit_length())
-    size = torch.empty(0, dtype=p.dtype).element_size()
-    for kernel in ("fwd", "dkdv", "dq"):
-        if not budgets.fits(kernel, size, block_d):
-            return (f"no tile shape of its {kernel} kernel fits sm_80 and sm_90 for {p.dtype} at head dim "
-                    f"{p.head_dim} (budgets.ATTENTION_FITS, measured by tools/compile_gpu.py)")
-    return None
+    return budgets.claimed(str(p.dtype).removeprefix("torch."), max(16, 1 << (p.head_dim - 1).bit_length()))
