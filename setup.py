@@ -102,6 +102,8 @@ def extension():
                             extra_link_args=link)
     archs = cuda_archs()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # and the PTX of the newest, which the driver compiles for GPUs newer than every cubin
+    gencode.append(f"-gencode=arch=compute_{max(archs, key=int)},code=compute_{max(archs, key=int)}")
     macros += [("MMKERNELS_WITH_CUDA", None), ("MMKERNELS_CUDA_VERSION", torch.version.cuda)]
     cxx.append("-DMMKERNELS_CUDA_ARCHS=" + ",".join(archs))  # nvcc would split this at the comma
     # The arch list goes to nvcc through our own flags; an empty TORCH_CUDA_ARCH_LIST would make

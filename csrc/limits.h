@@ -10,4 +10,20 @@ constexpr int64_t kWeightGradChunk = 8192;
 enum Activation : int64_t { kActivationNone = 0, kActivationRelu = 1, kActivationGelu = 2, kActivationSilu = 3, kActivationTanh = 4, kActivationSigmoid = 5, kActivations = 6 };
 constexpr int kCudaAttentionHeadDims[] = {64, 128};
 
+// CUDA attention tiles: [kernel][head dim index] (mmkernels/limits.py CUDA_ATTENTION_TILES).
+struct CudaAttentionTile {
+  int block_m, block_n, warps, stages, shared_bytes;
+};
+enum CudaAttentionKernel : int { kCudaForward = 0, kCudaDkDv = 1, kCudaDq = 2 };
+constexpr CudaAttentionTile kCudaAttentionTiles[3][2] = {
+    {{128, 64, 8, 2, 50304}, {128, 64, 8, 2, 99456}},
+    {{64, 64, 4, 2, 51200}, {32, 64, 4, 2, 66560}},
+    {{64, 64, 4, 2, 49792}, {64, 64, 4, 2, 98944}}};
+constexpr CudaAttentionTile cuda_attention_tile(CudaAttentionKernel kernel, int head_dim) {
+  for (int i = 0; i < int(sizeof(kCudaAttentionHeadDims) / sizeof(int)); ++i) {
+    if (kCudaAttentionHeadDims[i] == head_dim) return kCudaAttentionTiles[kernel][i];
+  }
+  return {0, 0, 0, 0, 0};
+}
+
 }  // namespace mmkernels::limits

@@ -19,5 +19,17 @@ ACTIVATIONS = (None, "relu", "gelu", "silu", "tanh", "sigmoid")
 # The tensor-core CUDA attention kernels are instantiated for these head dims (csrc/cuda/cross_attention).
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)
 
+# Their tiles, per kernel and head dim: query rows (dK/dV: of one step) and keys per CTA, warps,
+# pipeline stages and dynamic shared memory. The kernels static_assert them; the compile gate
+# (tools/compile_gpu.py) reports them; the host checks shared_bytes against the running GPU.
+CUDA_ATTENTION_TILES = {
+    "fwd": {64: dict(block_m=128, block_n=64, warps=8, stages=2, shared_bytes=50304),
+            128: dict(block_m=128, block_n=64, warps=8, stages=2, shared_bytes=99456)},
+    "dkdv": {64: dict(block_m=64, block_n=64, warps=4, stages=2, shared_bytes=51200),
+             128: dict(block_m=32, block_n=64, warps=4, stages=2, shared_bytes=66560)},
+    "dq": {64: dict(block_m=64, block_n=64, warps=4, stages=2, shared_bytes=49792),
+           128: dict(block_m=64, block_n=64, warps=4, stages=2, shared_bytes=98944)},
+}
+
 # Triton attention pads any head dim up to this to the next power of two.
 TRITON_MAX_HEAD_DIM = 256

@@ -19,12 +19,24 @@ def limits_header() -> str:
     names = [a.title() if a else "None" for a in limits["ACTIVATIONS"]]
     enum = ", ".join(f"kActivation{n} = {i}" for i, n in enumerate(names))
     dims = ", ".join(str(d) for d in limits["CUDA_ATTENTION_HEAD_DIMS"])
+    tiles = limits["CUDA_ATTENTION_TILES"]
+    fields = ("block_m", "block_n", "warps", "stages", "shared_bytes")
+    rows = ",\n".join("    {" + ", ".join("{" + ", ".join(str(tiles[k][d][f]) for f in fields) + "}"
+                                          for d in limits["CUDA_ATTENTION_HEAD_DIMS"]) + "}" for k in ("fwd", "dkdv", "dq"))
     return (
         NOTICE.format(source="mmkernels/limits.py") + "#pragma once\n\n#include <cstdint>\n\nnamespace mmkernels::limits {\n\n"
         f"constexpr int kMaxModalities = {limits['MAX_MODALITIES']};\n"
         f"constexpr int64_t kWeightGradChunk = {limits['WEIGHT_GRAD_CHUNK']};\n"
         f"enum Activation : int64_t {{ {enum}, kActivations = {len(names)} }};\n"
         f"constexpr int kCudaAttentionHeadDims[] = {{{dims}}};\n\n"
+        "// CUDA attention tiles: [kernel][head dim index] (mmkernels/limits.py CUDA_ATTENTION_TILES).\n"
+        "struct CudaAttentionTile {\n  int block_m, block_n, warps, stages, shared_bytes;\n};\n"
+        "enum CudaAttentionKernel : int { kCudaForward = 0, kCudaDkDv = 1, kCudaDq = 2 };\n"
+        f"constexpr CudaAttentionTile kCudaAttentionTiles[3][{len(limits['CUDA_ATTENTION_HEAD_DIMS'])}] = {{\n{rows}}};\n"
+        "constexpr CudaAttentionTile cuda_attention_tile(CudaAttentionKernel kernel, int head_dim) {\n"
+        "  for (int i = 0; i < int(sizeof(kCudaAttentionHeadDims) / sizeof(int)); ++i) {\n"
+        "    if (kCudaAttentionHeadDims[i] == head_dim) return kCudaAttentionTiles[kernel][i];\n"
+        "  }\n  return {0, 0, 0, 0, 0};\n}\n\n"
         "}  // namespace mmkernels::limits\n"
     )
 

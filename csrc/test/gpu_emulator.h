@@ -47,6 +47,7 @@ struct Warp {
   const void* address[kWarp];
   uint32_t regs[kWarp][6];
   float value[kWarp];
+  uint32_t word[kWarp];
 };
 
 struct Cta {
@@ -70,6 +71,7 @@ struct Copy {
   void* dst;
   const void* src;
   bool valid;
+  int bytes;
 };
 
 struct PendingCopies {
@@ -80,11 +82,11 @@ struct PendingCopies {
 inline thread_local PendingCopies pending;
 inline std::atomic<bool> unfinished_copies{false};  // a thread exited with copies never waited for
 
-inline void copy16(void* dst, const void* src, bool valid) {
+inline void copy(void* dst, const void* src, bool valid, int bytes) {
   if (valid) {
-    std::memcpy(dst, src, 16);
+    std::memcpy(dst, src, bytes);
   } else {
-    std::memset(dst, 0, 16);
+    std::memset(dst, 0, bytes);
   }
 }
 
@@ -178,13 +180,29 @@ inline float __shfl_xor_sync(unsigned, float x, int offset) {
   return out;
 }
 
+inline uint32_t __shfl_xor_sync(unsigned, uint32_t x, int offset) {
+  uint32_t out;
+  emu::exchange([&](emu::Warp& w, int l) { w.word[l] = x; }, [&](emu::Warp& w, int l) { out = w.word[l ^ offset]; });
+  return out;
+}
+
+inline uint32_t __shfl_sync(unsigned, uint32_t x, int source) {
+  uint32_t out;
+  emu::exchange([&](emu::Warp& w, int l) { w.word[l] = x; }, [&](emu::Warp& w, int l) { out = w.word[source % emu::kWarp]; });
+  return out;
+}
+
 namespace mmkernels::attention {
 
 alignas(16) inline unsigned char smem[256 * 1024];  // the dynamic shared memory of the running CTA
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (!emu::lazy_copies) return emu::copy16(dst, src, valid);
-  emu::pending.open.push_back({dst, src, valid});
+  if (!emu::lazy_copies) return emu::copy(dst, src, valid, 16);
+  emu::pending.open.push_back({dst, src, valid, 16});
+}
+inline void cp_async_4(void* dst, const void* src, bool valid) {
+  if (!emu::lazy_copies) return emu::copy(dst, src, valid, 4);
+  emu::pending.open.push_back({dst, src, valid, 4});
 }
 inline void cp_async_commit() {
   if (emu::lazy_copies) emu::pending.groups.push_back(std::move(emu::pending.open)), emu::pending.open.clear();
@@ -193,7 +211,7 @@ template <int kPending>
 void cp_async_wait() {
   auto& groups = emu::pending.groups;
   while (static_cast<int>(groups.size()) > kPending) {
-    for (const auto& c : groups.front()) emu::copy16(c.dst, c.src, c.valid);
+    for (const auto& c : groups.front()) emu::copy(c.dst, c.src, c.valid, c.bytes);
     groups.erase(groups.begin());
   }
 }

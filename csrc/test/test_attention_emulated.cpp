@@ -147,8 +147,9 @@ void compare(const std::string& what, Tensor<T>& got, const std::vector<double>&
 }
 
 template <typename T, int D>
-void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
-  std::printf("%s %s D=%d, %d key split%s\n", c.name.c_str(), dtype, D, kv_splits, kv_splits > 1 ? "s" : "");
+void run_case(const Case& c, const char* dtype, double tol, int kv_splits, int dkdv_splits) {
+  std::printf("%s %s D=%d, %d key split%s, %d dK/dV split%s\n", c.name.c_str(), dtype, D, kv_splits,
+              kv_splits > 1 ? "s" : "", dkdv_splits, dkdv_splits > 1 ? "s" : "");
   std::mt19937 gen(1234);
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<float> uniform;
@@ -201,9 +202,13 @@ void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
           for (int d = 0; d < D; ++d) k.at(b, h, j, d) = v.at(b, h, j, d) = T(NAN);
 
   const double scale = 1.0 / std::sqrt(double(D));
+  // Every output starts as NaN: a kernel that skips writing a row (a padded query, a hidden key,
+  // an empty split) fails the comparison instead of passing on a zero it never wrote.
   Tensor<T> out(c.B, c.Hq, c.Lq, D, c.blhd), dq(c.B, c.Hq, c.Lq, D, c.blhd);
   Tensor<T> dk(c.B, c.Hkv, c.Lk, D, c.blhd), dv(c.B, c.Hkv, c.Lk, D, c.blhd);
-  std::vector<float> lse(size_t(c.B) * c.Hq * c.Lq), delta(lse.size());
+  for (auto* t : {&out, &dq, &dk, &dv})
+    for (auto& x : t->data) x = T(NAN);
+  std::vector<float> lse(size_t(c.B) * c.Hq * c.Lq, NAN), delta(lse.size(), NAN);
   std::unique_ptr<bool[]> mask_data(new bool[vis.mask.size()]);
   for (size_t i = 0; i < vis.mask.size(); ++i) mask_data[i] = vis.mask[i];
   const int64_t seed = 0x5eed1234abcdLL;
@@ -238,6 +243,10 @@ void run_case(const Case& c, const char* dtype, double tol, int kv_splits) {
   p.kv_splits = kv_splits;
   p.partial_out = partial_out.data();
   p.partial_lse = partial_lse.data();
+  std::vector<float> partial_dk(size_t(dkdv_splits) * c.B * c.Hkv * c.Lk * D, NAN), partial_dv(partial_dk.size(), NAN);
+  p.dkdv_splits = dkdv_splits;
+  p.partial_dk = partial_dk.data();
+  p.partial_dv = partial_dv.data();
   mmkernels::attention::run_forward<T, D>(p, nullptr);
   mmkernels::attention::run_backward<T, D>(p, nullptr);
 
@@ -297,8 +306,45 @@ void check_kv_splits() {
   }
 }
 
+// The host's choice of dK/dV splits (params.h), on an H100's 132 SMs.
+void check_dkdv_splits() {
+  using mmkernels::attention::dkdv_splits_for;
+  struct Expect {
+    int64_t key_ctas, steps;
+    int splits;
+  };
+  const Expect cases[] = {
+      {10, 40, 16},   // B1 Hkv1 Lk577: ceil(264 / 10) = 27, capped at kMaxDkDvSplits
+      {10, 6, 3},     // few query steps: at least two each
+      {66, 100, 4},   // half a wave: ceil(264 / 66)
+      {132, 100, 1},  // a full wave already
+      {4, 1, 1},      // one step: nothing to share
+  };
+  for (const auto& c : cases) {
+    const int got = dkdv_splits_for(c.key_ctas, 132, c.steps);
+    const bool ok = got == c.splits;
+    std::printf("dkdv_splits_for(key_ctas=%lld, sms=132, steps=%lld) = %d %s\n", (long long)c.key_ctas,
+                (long long)c.steps, got, ok ? "ok" : "FAILED");
+    failures += !ok;
+  }
+}
+
+// Empty shapes launch nothing and write nothing.
+void check_empty() {
+  Params p;
+  p.B = 0, p.Hq = 2, p.Hkv = 2, p.Lq = 5, p.Lk = 7;
+  mmkernels::attention::run_forward<__half, 64>(p, nullptr);
+  mmkernels::attention::run_backward<__half, 64>(p, nullptr);
+  p.B = 2, p.Lq = 0;
+  mmkernels::attention::run_forward<__half, 64>(p, nullptr);
+  mmkernels::attention::run_backward<__half, 64>(p, nullptr);
+  std::printf("empty shapes: nothing launched ok\n");
+}
+
 int main() {
   check_kv_splits();
+  check_dkdv_splits();
+  check_empty();
   const Case plain{"plain", 1, 2, 2, 70, 130, false, false, false, false};
   const Case ragged{"gqa+kv_lengths+mask+q_lengths, blhd", 3, 4, 2, 37, 129, true, true, true, true};
   const Case gqa{"gqa 4:1 + kv_lengths, Lq > Lk", 2, 4, 1, 80, 65, true, false, false, true};
@@ -306,22 +352,30 @@ int main() {
   const Case ranges{"ranges + mask + kv_lengths, two images", 2, 4, 2, 70, 200, true, true, false, true, true};
   const Case causal{"causal, Lq < Lk, q_lengths", 2, 2, 1, 45, 150, false, false, true, false, false, true};
   const Case dropout{"dropout 0.3 + ranges + causal", 2, 2, 2, 66, 130, false, false, false, false, true, true, 0.3};
+  const Case causal_tall{"causal, Lq > Lk: the first rows see nothing", 2, 2, 2, 150, 70, false, false, false, false, false, true};
+  const Case drop_gqa{"dropout 0.2 + gqa + kv_lengths", 2, 4, 2, 40, 100, true, false, false, false, false, false, 0.2};
   // The forward with all keys in one CTA and split three ways (empty splits included), with
   // copies landing at once; then once more with copies landing only when waited for
   // (gpu_emulator.h), unsplit so that every pipeline has several steps.
+  // The forward with all keys in one CTA and split three ways, the backward with each key
+  // block's query steps in one CTA and split three ways (empty splits included), with copies
+  // landing at once; then once more with copies landing only when waited for (gpu_emulator.h),
+  // unsplit so that every pipeline has several steps.
   for (const bool lazy : {false, true}) {
     emu::lazy_copies = lazy;
     std::printf("== cp.async copies land %s\n", lazy ? "when waited for" : "at once");
     for (const int splits : lazy ? std::vector<int>{1} : std::vector<int>{1, 3}) {
       // fp16 keeps 11 bits and bf16 8: P, dS and the outputs are rounded once each to them.
-      run_case<__half, 64>(plain, "fp16", 3e-3, splits);
-      run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2, splits);
-      run_case<__half, 128>(ragged, "fp16", 3e-3, splits);
-      run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2, splits);
-      run_case<__half, 64>(single, "fp16", 3e-3, splits);
-      run_case<__half, 64>(ranges, "fp16", 3e-3, splits);
-      run_case<__nv_bfloat16, 128>(causal, "bf16", 2.5e-2, splits);
-      run_case<__half, 128>(dropout, "fp16", 3e-3, splits);
+      run_case<__half, 64>(plain, "fp16", 3e-3, splits, splits);
+      run_case<__nv_bfloat16, 64>(ragged, "bf16", 2.5e-2, splits, splits);
+      run_case<__half, 128>(ragged, "fp16", 3e-3, splits, splits);
+      run_case<__nv_bfloat16, 128>(gqa, "bf16", 2.5e-2, splits, splits);
+      run_case<__half, 64>(single, "fp16", 3e-3, splits, splits);
+      run_case<__half, 64>(ranges, "fp16", 3e-3, splits, splits);
+      run_case<__nv_bfloat16, 128>(causal, "bf16", 2.5e-2, splits, splits);
+      run_case<__half, 128>(dropout, "fp16", 3e-3, splits, splits);
+      run_case<__half, 64>(causal_tall, "fp16", 3e-3, splits, splits);
+      run_case<__half, 64>(drop_gqa, "fp16", 3e-3, splits, splits);
     }
   }
   if (emu::unfinished_copies) {

@@ -10,7 +10,9 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <iterator>
 #include <limits>
 
@@ -122,6 +124,29 @@ int choose_kv_splits(const Params& p) {
   return attention::kv_splits_for(q_blocks, at::cuda::getCurrentDeviceProperties()->multiProcessorCount, p.Lk);
 }
 
+int choose_dkdv_splits(const Params& p, int head_dim) {
+  const limits::CudaAttentionTile tile = limits::cuda_attention_tile(limits::kCudaDkDv, head_dim);
+  const int64_t key_ctas = int64_t(p.B) * p.Hkv * ((p.Lk + tile.block_n - 1) / tile.block_n);
+  const int64_t steps = int64_t(p.Hq / p.Hkv) * ((p.Lq + tile.block_m - 1) / tile.block_m);
+  return attention::dkdv_splits_for(key_ctas, at::cuda::getCurrentDeviceProperties()->multiProcessorCount, steps);
+}
+
+// The GPU must run this binary's kernels: sm_80 or newer (mma.sync with bf16), and every kernel's
+// shared memory within what one block may use there (sm_86 and sm_89 allow less than sm_80).
+void check_device(const at::Tensor& q, bool backward) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major >= 8, "the cuda cross_attention kernels need sm_80 or newer, got sm_", props->major,
+              props->minor, " (", props->name, ")");
+  int needed = 0;
+  for (const auto kernel : backward ? std::initializer_list<limits::CudaAttentionKernel>{limits::kCudaDkDv, limits::kCudaDq}
+                                    : std::initializer_list<limits::CudaAttentionKernel>{limits::kCudaForward}) {
+    needed = std::max(needed, limits::cuda_attention_tile(kernel, static_cast<int>(q.size(3))).shared_bytes);
+  }
+  TORCH_CHECK(static_cast<size_t>(needed) <= props->sharedMemPerBlockOptin, "the cuda cross_attention kernels at head dim ",
+              q.size(3), " need ", needed, " bytes of shared memory per block; ", props->name, " allows ",
+              props->sharedMemPerBlockOptin);
+}
+
 template <int D>
 void run_head_dim(bool backward, at::ScalarType dtype, const Params& p, cudaStream_t stream) {
   if (dtype == at::kHalf) {
@@ -150,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cuda(
   check_supported(q);
   check_visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_device(q, false);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0 || k.numel() == 0) {  // nothing to attend to: 0 and +inf
@@ -182,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   check_supported(q);
   check_visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_device(q, true);
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::empty_like(k);
   at::Tensor grad_v = at::empty_like(v);
@@ -209,6 +236,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   p.dv = operand(grad_v, q, "grad_v");
   p.lse = const_cast<float*>(lse.data_ptr<float>());  // read only in the backward
   p.delta = delta.data_ptr<float>();
+  p.dkdv_splits = choose_dkdv_splits(p, static_cast<int>(q.size(3)));
+  at::Tensor partial_dk, partial_dv;  // the splits' shares of dK and dV, summed by the reduce kernel
+  if (p.dkdv_splits > 1) {
+    partial_dk = at::empty({p.dkdv_splits, p.B, p.Hkv, p.Lk, q.size(3)}, lse.options());
+    partial_dv = at::empty_like(partial_dk);
+    p.partial_dk = partial_dk.data_ptr<float>();
+    p.partial_dv = partial_dv.data_ptr<float>();
+  }
   run(true, q, p);
   return {grad_q, grad_k, grad_v};
 }

@@ -1,13 +1,16 @@
 // FlashAttention-2 forward on tensor cores (mma.sync, sm_80+).
 //
-// One CTA per (block of kBlockM queries, query head, batch); each of its warps owns 16 query
-// rows. The Q tile stays in shared memory; K/V tiles of kBlockN keys stream through two shared
-// buffers with cp.async, the next tile in flight while the current one is used. Scores and the
-// online softmax (fp32, base 2) stay in registers, and the probabilities feed the P V MMA from
-// registers. Only the key tiles some row of the block sees are loaded (tiles.cuh: ranges,
-// kv_lengths, causal, key_padding_mask); a GQA query head reads its kv head in place. When there are too few query blocks to fill the GPU, the host splits each block's
-// key tiles among kv_splits CTAs, and combine_kernel merges their partial results by their
-// log-sum-exp (flash-decoding).
+// One CTA per (block of kBlockM queries, query head, batch); each of its warps owns kFrags blocks
+// of 16 query rows (FlashAttention-2's 128 x 64 tile with 4 warps: 32 rows each, so every K and
+// V fragment read from shared memory feeds two MMAs, and K/V are re-read from L2 once per 128
+// queries). The Q tile stays in shared memory; K/V tiles of kBlockN keys stream through two
+// shared buffers with cp.async, the next tile in flight while the current one is used. Scores
+// and the online softmax (fp32, base 2) stay in registers, and the probabilities feed the P V
+// MMA from registers. Only the key tiles some row of the block sees are loaded (tiles.cuh:
+// ranges, kv_lengths, causal, key_padding_mask); a GQA query head reads its kv head in place.
+// When there are too few query blocks to fill the GPU, the host splits each block's key tiles
+// among kv_splits CTAs, and combine_kernel merges their partial results by their log-sum-exp
+// (flash-decoding).
 #pragma once
 
 #include <cfloat>
@@ -18,16 +21,19 @@ namespace mmkernels::attention {
 
 template <int D>
 struct ForwardConfig {
-  static constexpr int kWarps = 4;
+  static constexpr limits::CudaAttentionTile kTile = limits::cuda_attention_tile(limits::kCudaForward, D);
+  static constexpr int kWarps = kTile.warps;
   static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr int kBlockM = kForwardBlockM;
-  static constexpr int kBlockN = kForwardBlockN;
-  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
-  static constexpr int kLd = D + kPad;
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kFrags = kBlockM / (16 * kWarps);  // 16-row blocks per warp
+  static_assert(kBlockM == kForwardBlockM && kBlockN == kForwardBlockN, "params.h's tile is the kernel's");
+  static_assert(kFrags * 16 * kWarps == kBlockM, "each warp owns whole 16-row blocks");
   // Q, then two K buffers and two V buffers, all 2-byte elements; then the rows' key ranges
   // and the needed-key flags of the two buffers.
-  static constexpr int kTileBytes = (kBlockM + 4 * kBlockN) * kLd * 2;
+  static constexpr int kTileBytes = (kBlockM + 4 * kBlockN) * D * 2;
   static constexpr int kSmemBytes = kTileBytes + 2 * kBlockM * 4 + 2 * kBlockN;
+  static_assert(kTile.stages == 2 && kSmemBytes == kTile.shared_bytes, "mmkernels/limits.py CUDA_ATTENTION_TILES");
 };
 
 // One step of the online softmax over a 16 x N tile of scaled base-2 scores (this thread's rows
@@ -65,10 +71,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[N / 8][4], float (&o)[
 template <typename T, int D>
 __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(const Params p) {
   using C = ForwardConfig<D>;
+  constexpr int F = C::kFrags;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + C::kBlockM * C::kLd;      // two buffers of kBlockN rows
-  T* sV = sK + 2 * C::kBlockN * C::kLd;  // two buffers
+  T* sK = sQ + C::kBlockM * D;      // two buffers of kBlockN rows
+  T* sV = sK + 2 * C::kBlockN * D;  // two buffers
   int* sLo = reinterpret_cast<int*>(smem + C::kTileBytes);
   int* sHi = sLo + C::kBlockM;
   uint8_t* sNeed = reinterpret_cast<uint8_t*>(sHi + C::kBlockM);  // two buffers of kBlockN flags
@@ -100,66 +107,80 @@ __global__ void __launch_bounds__(ForwardConfig<D>::kThreads, 1) forward_kernel(
     load_tile<T, C::kBlockM, D, C::kThreads>(sQ, p.q.rows<T>(blk.b, blk.h) + blk.row0 * p.q.sl, p.q.sl, blk.valid);
   }
 
-  RowRange rows[2];  // this thread's two query rows
-  int64_t drop_row[2];
+  // This warp owns rows warp * 16 * F .. + 16 * F; fragment f, rows f * 16 + group (+ 8) of them.
+  const int warp_row0 = warp * 16 * F;
+  RowRange rows[F][2];
+  int64_t drop_row[F][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + group + 8 * r;
-    rows[r] = {sLo[row], sHi[row]};
-    drop_row[r] = stats + row;
+  for (int f = 0; f < F; ++f) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + f * 16 + group + 8 * r;
+      rows[f][r] = {sLo[row], sHi[row]};
+      drop_row[f][r] = stats + row;
+    }
   }
   const uint64_t seed = p.seed != nullptr ? static_cast<uint64_t>(*p.seed) : 0;
   const float scale_log2 = p.scale * kLog2e;
-  const T* q_warp = sQ + warp * 16 * C::kLd;
-  float o[D / 8][4];
+  float o[F][D / 8][4];
   zero(o);
-  float m[2] = {-INFINITY, -INFINITY};  // running row max, base-2 units
-  float l[2] = {0.f, 0.f};
-  bool seen[2] = {false, false};  // the row saw a visible key
+  float m[F][2], l[F][2];  // running row max (base-2 units) and this thread's share of the row sum
+  bool seen[F][2];         // the row saw a visible key
+#pragma unroll
+  for (int f = 0; f < F; ++f) m[f][0] = m[f][1] = -INFINITY, l[f][0] = l[f][1] = 0.f, seen[f][0] = seen[f][1] = false;
 
   pipeline(blk.valid > 0 ? first : last, last, prepare, load_kv, [&](int tile, int buf) {
     const int j0 = tile * C::kBlockN;
     const bool whole = span.max_lo <= j0 && span.min_hi >= j0 + C::kBlockN;
-    float s[C::kBlockN / 8][4];
+    float s[F][C::kBlockN / 8][4];
     zero(s);
-    mma_a_bt<T, D, C::kBlockN, C::kLd>(s, q_warp, sK + buf * C::kBlockN * C::kLd, lane);
-    scale_all(s, scale_log2);  // before hiding keys, so that any scale leaves -inf as it is
-    hide_scores<C::kBlockN>(s, sNeed + buf * C::kBlockN, j0, whole, rows, seen, lane);
-    online_softmax<C::kBlockN, D>(s, o, m, l);
-    if (p.seed != nullptr) drop_rows<C::kBlockN>(s, p, seed, drop_row, j0, lane);
-    mma_p_b<T, C::kBlockN, D, C::kLd>(o, s, sV + buf * C::kBlockN * C::kLd, lane);
+    mma_a_bt<T, D, C::kBlockN, F>(s, sQ, warp_row0, sK + buf * C::kBlockN * D, lane);
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+      scale_all(s[f], scale_log2);  // before hiding keys, so that any scale leaves -inf as it is
+      hide_scores<C::kBlockN>(s[f], sNeed + buf * C::kBlockN, j0, whole, rows[f], seen[f], lane);
+      online_softmax<C::kBlockN, D>(s[f], o[f], m[f], l[f]);
+      if (p.seed != nullptr) drop_rows<C::kBlockN>(s[f], p, seed, drop_row[f], j0, lane);
+    }
+    mma_p_b<T, C::kBlockN, D, F>(o, s, sV + buf * C::kBlockN * D, lane);
   });
 
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(l[r]);
-    const bool any = quad_max(seen[r] ? 1.f : 0.f) > 0.f;
-    const int row = warp * 16 + group + 8 * r;
-    // No visible key, or a padded query: exactly 0, whatever the hidden values held. Visible keys
-    // whose scores all overflowed to -inf: NaN, never a silent 0. A NaN sum stays NaN.
-    const bool empty = !any;
-    const bool overflow = any && sum == 0.f;
-    if (empty || overflow) zero_row(o, r);
-    // A split's partials mark an overflowed row with lse -FLT_MAX: it merges as nothing next to
-    // another split's keys, and makes the row NaN if no split has any (combine_kernel).
-    inv[r] = empty ? 0.f : (overflow ? (partial ? 0.f : NAN) : 1.f / sum);
-    const float empty_lse = partial ? -INFINITY : INFINITY;
-    const float overflow_lse = partial ? -FLT_MAX : -INFINITY;
-    if (lane % 4 == 0 && row < blk.rows) {
-      lse[row] = empty ? empty_lse : (overflow ? overflow_lse : (m[r] + log2f(sum)) * kLn2);
+  for (int f = 0; f < F; ++f) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[f][r]);
+      const bool any = quad_max(seen[f][r] ? 1.f : 0.f) > 0.f;
+      const int row = warp_row0 + f * 16 + group + 8 * r;
+      // No visible key, or a padded query: exactly 0, whatever the hidden values held. Visible keys
+      // whose scores all overflowed to -inf: NaN, never a silent 0. A NaN sum stays NaN.
+      const bool empty = !any;
+      const bool overflow = any && sum == 0.f;
+      if (empty || overflow) zero_row(o[f], r);
+      // A split's partials mark an overflowed row with lse -FLT_MAX: it merges as nothing next to
+      // another split's keys, and makes the row NaN if no split has any (combine_kernel).
+      inv[r] = empty ? 0.f : (overflow ? (partial ? 0.f : NAN) : 1.f / sum);
+      const float empty_lse = partial ? -INFINITY : INFINITY;
+      const float overflow_lse = partial ? -FLT_MAX : -INFINITY;
+      if (lane % 4 == 0 && row < blk.rows) {
+        lse[row] = empty ? empty_lse : (overflow ? overflow_lse : (m[f][r] + log2f(sum)) * kLn2);
+      }
     }
-  }
-  if (!partial) return store_rows<T, D>(out, p.out.sl, o, warp * 16, blk.rows, inv, lane);
-  float* part = p.partial_out + (split * plane + stats) * D;
+    if (!partial) {
+      store_rows<T, D>(out, p.out.sl, o[f], warp_row0 + f * 16, blk.rows, inv, lane);
+      continue;
+    }
+    float* part = p.partial_out + (split * plane + stats) * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + group + 8 * r;
-    if (row >= blk.rows) continue;
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + f * 16 + group + 8 * r;
+      if (row >= blk.rows) continue;
 #pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      *reinterpret_cast<float2*>(part + row * D + nd * 8 + 2 * (lane % 4)) =
-          make_float2(o[nd][2 * r] * inv[r], o[nd][2 * r + 1] * inv[r]);
+      for (int nd = 0; nd < D / 8; ++nd) {
+        *reinterpret_cast<float2*>(part + row * D + nd * 8 + 2 * (lane % 4)) =
+            make_float2(o[f][nd][2 * r] * inv[r], o[f][nd][2 * r + 1] * inv[r]);
+      }
     }
   }
 }
@@ -210,6 +231,7 @@ __global__ void combine_kernel(const Params p) {
 template <typename T, int D>
 void run_forward(const Params& p, cudaStream_t stream) {
   using C = ForwardConfig<D>;
+  if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;  // nothing to write (the host fills empty keys itself)
   launch(forward_kernel<T, D>, dim3((p.Lq + C::kBlockM - 1) / C::kBlockM * p.kv_splits, p.Hq, p.B), C::kThreads,
          C::kSmemBytes, stream, p);
   if (p.kv_splits > 1) launch_per_row(combine_kernel<T, D>, p, stream);

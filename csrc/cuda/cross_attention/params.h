@@ -19,8 +19,9 @@ struct Operand {
   }
 };
 
-// The forward's tile sizes (both head dims), which the host needs to choose kv_splits.
-constexpr int kForwardBlockM = 64;
+// The forward's tile sizes (both head dims; mmkernels/limits.py), which the host needs to choose
+// kv_splits.
+constexpr int kForwardBlockM = 128;
 constexpr int kForwardBlockN = 64;
 constexpr int kMaxKvSplits = 16;
 
@@ -33,6 +34,18 @@ inline int kv_splits_for(int64_t q_blocks, int64_t sms, int64_t lk) {
   const int64_t for_one_wave = (sms + q_blocks - 1) / q_blocks;
   const int64_t splits = for_one_wave < key_tiles / 2 ? for_one_wave : key_tiles / 2;
   return static_cast<int>(splits < 1 ? 1 : (splits > kMaxKvSplits ? kMaxKvSplits : splits));
+}
+
+// Few key blocks (one long image over few heads, or a small batch) leave most SMs idle with one
+// dK/dV CTA per key block: the query steps are then shared among up to kMaxDkDvSplits CTAs, about
+// two waves in all, at least two steps each. On shapes only, like kv_splits_for.
+constexpr int kMaxDkDvSplits = 16;
+
+inline int dkdv_splits_for(int64_t key_ctas, int64_t sms, int64_t steps) {
+  if (key_ctas >= sms) return 1;
+  const int64_t for_two_waves = (2 * sms + key_ctas - 1) / key_ctas;
+  const int64_t splits = for_two_waves < steps / 2 ? for_two_waves : steps / 2;
+  return static_cast<int>(splits < 1 ? 1 : (splits > kMaxDkDvSplits ? kMaxDkDvSplits : splits));
 }
 
 // Key tiles of every kernel are kKeyTile keys, aligned to multiples of it.
@@ -64,6 +77,11 @@ struct Params {
   int kv_splits = 1;
   float* partial_out = nullptr;  // (kv_splits, B, Hq, Lq, D)
   float* partial_lse = nullptr;  // (kv_splits, B, Hq, Lq)
+  // Backward only: the query steps of each key block are shared among dkdv_splits CTAs, which
+  // write their fp32 shares of dK (unscaled) and dV here; a reduce kernel sums them in order.
+  int dkdv_splits = 1;
+  float* partial_dk = nullptr;  // (dkdv_splits, B, Hkv, Lk, D)
+  float* partial_dv = nullptr;
 };
 
 // One explicit instantiation per (T, D, direction), each in its own .cu file, so that the

@@ -10,25 +10,34 @@
 // whatever they hold. A key that one row sees and another does not must hold finite values:
 // the hidden row's exact 0 probability would otherwise meet them inside the MMA.
 //
-// Shared-memory tiles are row-major with D + kPad elements per row: the 16 bytes of padding
-// shift consecutive rows by one bank group, so the eight row addresses of an ldmatrix land in
-// different banks.
+// Shared-memory tiles are row-major with D elements per row, and the 16-byte chunks of row r are
+// permuted by XOR with r % 8 (tile_index): the eight rows an ldmatrix reads at one column land in
+// eight different bank groups, with no padding. (Padding rows by 16 bytes did the same but pushed
+// the hd128 kernels past the 101,376 B of shared memory a block may use on sm_86 and sm_89.)
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "../../limits.h"
 #include "../../philox.h"
 #include "mma.cuh"
 #include "params.h"
 
 namespace mmkernels::attention {
 
-constexpr int kPad = 8;
 constexpr int kWarpSize = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+// Element (row, col) of a swizzled tile with kCols elements per row (col % 8 is kept, so a 16-byte
+// chunk stays whole).
+template <int kCols>
+__device__ __forceinline__ int tile_index(int row, int col) {
+  static_assert(kCols % 64 == 0, "eight 16-byte chunks per swizzle period");
+  return row * kCols + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+}
 
 // Rows [0, kRows) of a tile of D-wide rows: rows < valid are copied asynchronously from
 // `g` (row stride in elements), the rest are zero-filled. valid >= 1, so `g` is always mapped.
@@ -38,7 +47,7 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, 
   for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const bool ok = r < valid;
-    cp_async_16(s + r * (D + kPad) + col, ok ? g + r * row_stride + col : g, ok);
+    cp_async_16(s + tile_index<D>(r, col), ok ? g + r * row_stride + col : g, ok);
   }
 }
 
@@ -47,58 +56,75 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, 
 template <typename T, int kKeys, int D, int kThreads>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const Params& p, int tile, int buf,
                                              const uint8_t* need) {
-  constexpr int kTileElems = kKeys * (D + kPad);
+  constexpr int kTileElems = kKeys * D;
   constexpr int kChunks = D / 8;
   const int64_t j0 = int64_t(tile) * kKeys;
   for (int c = threadIdx.x; c < kKeys * kChunks; c += kThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const bool ok = need[r];
     const int64_t kr = ok ? (j0 + r) * p.k.sl + col : 0, vr = ok ? (j0 + r) * p.v.sl + col : 0;
-    cp_async_16(sK + buf * kTileElems + r * (D + kPad) + col, k + kr, ok);
-    cp_async_16(sV + buf * kTileElems + r * (D + kPad) + col, v + vr, ok);
+    cp_async_16(sK + buf * kTileElems + tile_index<D>(r, col), k + kr, ok);
+    cp_async_16(sV + buf * kTileElems + tile_index<D>(r, col), v + vr, ok);
   }
 }
 
-// acc (16 x N) += A * B^T: A is the 16 x K block of a shared tile at `a` (this warp's rows),
-// B is N x K, row-major at `b`. Q K^T, K Q^T, V dO^T and dO V^T all have this shape.
-template <typename T, int K, int N, int kLd>
-__device__ __forceinline__ void mma_a_bt(float (&acc)[N / 8][4], const T* a, const T* b, int lane) {
+// acc (kFrags x 16 x N) += A * B^T. A: the kFrags 16-row blocks of a swizzled tile `a` starting at
+// row a_row0 (this warp's rows); B: N x K, the swizzled tile `b`; both K columns wide. Each B
+// fragment is read once for all of the warp's A blocks: a warp that owns 32 rows reads K and V
+// half as often per MMA as one that owns 16. Q K^T, K Q^T, V dO^T and dO V^T all have this shape.
+template <typename T, int K, int N, int kFrags>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kFrags][N / 8][4], const T* a, int a_row0, const T* b, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t af[4];
-    ldmatrix_x4(af, a + (lane & 15) * kLd + kk * 16 + (lane >> 4) * 8);
+    uint32_t af[kFrags][4];
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f) {
+      ldmatrix_x4(af[f], a + tile_index<K>(a_row0 + f * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
 #pragma unroll
     for (int nb = 0; nb < N / 16; ++nb) {
       uint32_t bf[4];  // rows nb*16 + 0..7, then + 8..15; each as k 0..7 and k 8..15
-      ldmatrix_x4(bf, b + (nb * 16 + (lane >> 4) * 8 + (lane & 7)) * kLd + kk * 16 + ((lane >> 3) & 1) * 8);
-      mma_16816<T>(acc[2 * nb], af, bf[0], bf[1]);
-      mma_16816<T>(acc[2 * nb + 1], af, bf[2], bf[3]);
+      ldmatrix_x4(bf, b + tile_index<K>(nb * 16 + (lane >> 4) * 8 + (lane & 7), kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+      for (int f = 0; f < kFrags; ++f) {
+        mma_16816<T>(acc[f][2 * nb], af[f], bf[0], bf[1]);
+        mma_16816<T>(acc[f][2 * nb + 1], af[f], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// acc (16 x N) += P * B: P is 16 x K in fp32 accumulators (rounded to T on the way), B is
-// K x N, row-major at `b`, read transposed by ldmatrix. P V, P^T dO, dS^T Q and dS K.
-template <typename T, int K, int N, int kLd>
-__device__ __forceinline__ void mma_p_b(float (&acc)[N / 8][4], const float (&p)[K / 8][4], const T* b, int lane) {
+// acc (kFrags x 16 x N) += P * B: P is kFrags x 16 x K in fp32 accumulators (rounded to T on the
+// way), B is K x N, the swizzled tile `b`, read transposed by ldmatrix once for all of P's blocks.
+// P V, P^T dO, dS^T Q and dS K.
+template <typename T, int K, int N, int kFrags>
+__device__ __forceinline__ void mma_p_b(float (&acc)[kFrags][N / 8][4], const float (&p)[kFrags][K / 8][4], const T* b,
+                                        int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t af[4];
-    accumulators_as_a<T>(af, p[2 * kk], p[2 * kk + 1]);
+    uint32_t af[kFrags][4];
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f) accumulators_as_a<T>(af[f], p[f][2 * kk], p[f][2 * kk + 1]);
 #pragma unroll
     for (int nb = 0; nb < N / 16; ++nb) {
       uint32_t bf[4];  // k 0..7 and 8..15 of columns nb*16 + 0..7, then of + 8..15
-      ldmatrix_x4_trans(bf, b + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kLd + nb * 16 + (lane >> 4) * 8);
-      mma_16816<T>(acc[2 * nb], af, bf[0], bf[1]);
-      mma_16816<T>(acc[2 * nb + 1], af, bf[2], bf[3]);
+      ldmatrix_x4_trans(bf, b + tile_index<N>(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), nb * 16 + (lane >> 4) * 8));
+#pragma unroll
+      for (int f = 0; f < kFrags; ++f) {
+        mma_16816<T>(acc[f][2 * nb], af[f], bf[0], bf[1]);
+        mma_16816<T>(acc[f][2 * nb + 1], af[f], bf[2], bf[3]);
+      }
     }
   }
 }
 
-template <int N>
-__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+template <int F, int N>
+__device__ __forceinline__ void zero(float (&acc)[F][N][4]) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int f = 0; f < F; ++f) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[f][i][0] = acc[f][i][1] = acc[f][i][2] = acc[f][i][3] = 0.f;
+  }
 }
 
 template <int N>
@@ -202,7 +228,7 @@ __device__ __forceinline__ void load_keys(T* s, const T* g, int64_t row_stride, 
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const int j = key0 + r;
     const bool ok = j < n_keys && !key_masked(p, b, j);
-    cp_async_16(s + r * (D + kPad) + col, ok ? g + r * row_stride + col : g, ok);
+    cp_async_16(s + tile_index<D>(r, col), ok ? g + r * row_stride + col : g, ok);
   }
 }
 
@@ -235,21 +261,27 @@ __device__ __forceinline__ void hide_scores(float (&s)[N / 8][4], const uint8_t*
 // Attention dropout on a 16 x N tile of probabilities whose rows are query rows `row` (their
 // (b * Hq + h) * Lq + i index, this thread's two) and columns keys j0 + column: kept ones are
 // scaled by 1 / (1 - p), dropped ones become 0 (csrc/philox.h draws the same numbers everywhere).
+// A Philox call gives the draws of four consecutive keys of one row; this thread holds two of
+// them for each of its two rows, and its neighbour (lane ^ 1) the other two. So each of the pair
+// makes one call, for its own row (even lanes the first, odd lanes the second), and they trade
+// the halves: every output of every call is used.
 template <int N>
 __device__ __forceinline__ void drop_rows(float (&s)[N / 8][4], const Params& p, uint64_t seed, const int64_t (&row)[2],
                                           int j0, int lane) {
-  const int quad = lane % 4;
+  const int quad = lane % 4, odd = quad & 1;
 #pragma unroll
   for (int nb = 0; nb < N / 8; ++nb) {
-    const int j = j0 + nb * 8 + 2 * quad;  // even: j and j + 1 share a Philox call
+    const int group4 = (j0 + nb * 8) / 4 + quad / 2;  // j0 is a multiple of 8
+    const Philox4 x = philox4x32(static_cast<uint64_t>(row[odd]), static_cast<uint32_t>(group4), seed);
+    // Even lanes need outputs 0, 1 of both rows; odd lanes 2, 3. Each sends what the other needs.
+    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? x.x[0] : x.x[2], 1);
+    const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? x.x[1] : x.x[3], 1);
+    const uint32_t first[2] = {odd ? got0 : x.x[0], odd ? got1 : x.x[1]};   // row[0]
+    const uint32_t second[2] = {odd ? x.x[2] : got0, odd ? x.x[3] : got1};  // row[1]
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const Philox4 x = philox4x32(static_cast<uint64_t>(row[r]), static_cast<uint32_t>(j >> 2), seed);
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& v = s[nb][2 * r + e];
-        v = x.x[(j + e) & 3] >= p.dropout_threshold ? v * p.keep_scale : 0.f;
-      }
+    for (int e = 0; e < 2; ++e) {
+      s[nb][e] = first[e] >= p.dropout_threshold ? s[nb][e] * p.keep_scale : 0.f;
+      s[nb][2 + e] = second[e] >= p.dropout_threshold ? s[nb][2 + e] * p.keep_scale : 0.f;
     }
   }
 }
@@ -262,12 +294,15 @@ struct QueryBlock {
   int valid;     // rows that are not padding (q_lengths)
 };
 
+// Query block `index` of blockIdx.y's head and blockIdx.z's batch. With causal masking the last
+// blocks see the most keys: they are handed out first, so that the heaviest do not form the tail.
 template <int kBlockM>
 __device__ __forceinline__ QueryBlock query_block(const Params& p, int index) {
   QueryBlock q;
   q.b = blockIdx.z;
   q.h = blockIdx.y;
   q.hk = q.h / (p.Hq / p.Hkv);
+  if (p.causal) index = (p.Lq + kBlockM - 1) / kBlockM - 1 - index;
   q.row0 = index * kBlockM;
   q.rows = min(kBlockM, p.Lq - q.row0);
   q.valid = max(0, min(q.rows, clamp_length(p.q_lengths, q.b, p.Lq) - q.row0));
@@ -310,9 +345,9 @@ __device__ __forceinline__ void pipeline(int begin, int end, Prepare&& prepare, 
 // Zeroes rows [0, rows) of a D-wide row-major region in global memory (16-byte stores).
 template <typename T, int D, int kThreads>
 __device__ __forceinline__ void zero_rows(T* g, int64_t row_stride, int rows) {
-  constexpr int kChunks = D / 8;
+  constexpr int kPer = 16 / sizeof(T), kChunks = D / kPer;
   for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const int r = c / kChunks, col = (c % kChunks) * kPer;
     *reinterpret_cast<uint4*>(g + r * row_stride + col) = make_uint4(0, 0, 0, 0);
   }
 }
@@ -364,7 +399,8 @@ __device__ __forceinline__ void store_rows(T* g, int64_t row_stride, const float
 namespace mmkernels::attention {
 
 // Launches on `stream` with `smem_bytes` of dynamic shared memory (above the default 48 KiB
-// needs the opt-in, which is per kernel and cheap to repeat) and checks the launch.
+// needs the opt-in, which is per kernel and cheap to repeat) and checks the launch. The host
+// refuses a GPU whose blocks may not use that much (cross_attention.cu) before it gets here.
 template <typename Kernel>
 void launch(Kernel* kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream, const Params& p) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
