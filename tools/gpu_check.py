@@ -12,7 +12,8 @@ the summary records the real times), each skippable with --skip NAME:
     tests       ~6 min  the GPU tests (tests/test_gpu.py, tests/test_cuda_backend.py) with
                         TRITON_INTERPRET=0, then the CPU suite's dispatch tests
     compile     ~3 min  tools/compile_gpu.py (quick) for this machine's arch, CUDA C++ included
-    sanitizer   ~5 min  compute-sanitizer memcheck, racecheck, synccheck over tools/gpu_smoke.py
+    sanitizer   ~6 min  tools/gpu_smoke.py once plain (it warms Triton's cache and counts its calls),
+                        then under compute-sanitizer memcheck, racecheck, synccheck
     bench       ~6 min  mmkernels bench --full --device cuda --dtype bfloat16
 Total about 25 minutes. Everything lands in one folder named by device and commit
 (benchmarks/results/gpu-check-<device>-<commit>/), with summary.md and summary.json, so that it
@@ -21,6 +22,7 @@ results are committed (README, "On a GPU machine").
 """
 import argparse
 import importlib.util
+import xml.etree.ElementTree as ET
 import json
 import os
 import re
@@ -37,6 +39,44 @@ NEEDED = {"pytest": "tests", "hypothesis": "tests", "expecttest": "tests", "nump
           "pybind11": "build", "ninja": "build", "tqdm": "bench", "matplotlib": "bench"}
 OPTIONAL = {"flash_attn": "bench (a peer)", "transformers": "tests and bench (Mllama layer)"}
 TOOLS = {"nvcc": "build", "compute-sanitizer": "sanitizer", "nvidia-smi": "preflight"}
+
+
+# The rules that keep a pass from being vacuous (--dry-run lists them in the summary).
+RULES = [
+    "tests: a skipped test fails the step unless its reason matches EXPECTED_SKIPS (a case the support table "
+    "does not claim, an optional peer that is not installed)",
+    "tests: a backend refusing a case its support table claims fails the test (tests/test_gpu.py: runs())",
+    "tests: the CUDA-graph tests capture a graph explicitly and check that its replay computes new inputs",
+    "sanitizer: tools/gpu_smoke.py runs once plain first (warming Triton's cache, so compiles do not run under "
+    "the sanitizers) and counts its calls; each sanitizer must exit 0 and report the same non-zero count",
+    "sanitizer: PYTORCH_NO_CUDA_MEMORY_CACHING=1, so memcheck sees every buffer's own bounds",
+]
+EXPECTED_SKIPS = [
+    r"not claimed",  # tests/test_gpu.py: the support table does not claim the case for that backend
+    r"flash_attn is not installed", r"transformers is not installed",
+    r"needs \d+ GPUs",
+]
+SMOKE_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+
+
+def unexpected_skips(junit_xml) -> list[str]:
+    """The skipped tests of a junit file whose reason matches no EXPECTED_SKIPS pattern."""
+    if not os.path.exists(junit_xml):
+        return [f"no junit file {junit_xml}"]
+    bad = []
+    for case in ET.parse(junit_xml).getroot().iter("testcase"):
+        for skip in case.findall("skipped"):
+            reason = skip.get("message", "") + " " + (skip.text or "")
+            if not any(re.search(p, reason) for p in EXPECTED_SKIPS):
+                bad.append(f"{case.get('classname')}::{case.get('name')}: {reason.strip()[:200]}")
+    return bad
+
+
+def smoke_calls(log) -> int:
+    """The call count tools/gpu_smoke.py reported in log (0: it did not finish)."""
+    text = open(log).read() if os.path.exists(log) else ""
+    found = re.findall(r"gpu_smoke: ran (\d+) calls", text)
+    return int(found[-1]) if found else 0
 
 
 def sh(cmd, log, env=None, timeout=None):
@@ -108,7 +148,7 @@ def main(argv=None) -> int:
 
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"gpu-check-{device_name(args.dry_run)}-{commit()}")
     os.makedirs(out, exist_ok=True)
-    summary = {"commit": commit(), "device": device_name(args.dry_run), "dry_run": args.dry_run, "steps": {}}
+    summary = {"commit": commit(), "device": device_name(args.dry_run), "dry_run": args.dry_run, "rules": RULES, "steps": {}}
     py = sys.executable
 
     def record(step, status, seconds=0.0, **extra):
@@ -150,9 +190,16 @@ def main(argv=None) -> int:
                        "tests/test_torch_mha_contract.py", f"--junitxml={os.path.join(out, 'tests.xml')}"], test_env, 1200)
     if "tests" in summary["steps"] and not args.dry_run and "tests" not in args.skip:
         summary["steps"]["tests"]["counts"] = pytest_counts(os.path.join(out, "tests.log"))
+        bad = unexpected_skips(os.path.join(out, "tests.xml"))
+        if bad:
+            summary["steps"]["tests"].update(status="failed (unexpected skips)", unexpected_skips=bad)
     target = f"sm_{arch}" if arch in ("80", "90") else "sm_80,sm_90"
     run_step("compile", [py, "tools/compile_gpu.py", "--cuda", "--targets", target], timeout=900)
     sanitizer = {}
+    expected_calls = 0
+    if "sanitizer" not in args.skip and not args.dry_run:  # warm Triton's cache and count the calls
+        sh([py, "tools/gpu_smoke.py"], os.path.join(out, "sanitizer-warmup.log"), {**test_env, **SMOKE_ENV}, 1200)
+        expected_calls = smoke_calls(os.path.join(out, "sanitizer-warmup.log"))
     for tool in ("memcheck", "racecheck", "synccheck"):
         step_cmd = ["compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", py, "tools/gpu_smoke.py"]
         if "sanitizer" in args.skip:
@@ -160,13 +207,19 @@ def main(argv=None) -> int:
         log = os.path.join(out, f"sanitizer-{tool}.log")
         if args.dry_run:
             with open(log, "w") as f:
-                f.write(f"dry run: would run {' '.join(step_cmd)}\n")
+                f.write(f"dry run: would run {' '.join(step_cmd)} with {SMOKE_ENV}, after a plain warm-up run\n")
             sanitizer[tool] = "dry run"
             continue
-        code, seconds = sh(step_cmd, log, test_env, 900)
-        sanitizer[tool] = "clean" if code == 0 else f"errors (exit {code}, see sanitizer-{tool}.log)"
+        code, seconds = sh(step_cmd, log, {**test_env, **SMOKE_ENV}, 1200)
+        calls = smoke_calls(log)
+        if code:
+            sanitizer[tool] = f"errors (exit {code}, see sanitizer-{tool}.log)"
+        elif calls == 0 or calls != expected_calls:
+            sanitizer[tool] = f"vacuous: {calls} calls ran, the warm-up ran {expected_calls}"
+        else:
+            sanitizer[tool] = f"clean ({calls} calls)"
     record("sanitizer", "skipped (--skip)" if "sanitizer" in args.skip else ("dry run" if args.dry_run else
-           ("passed" if all(v == "clean" for v in sanitizer.values()) else "failed")), verdicts=sanitizer)
+           ("passed" if all(v.startswith("clean") for v in sanitizer.values()) else "failed")), verdicts=sanitizer)
     run_step("bench", [py, "-m", "mmkernels.cli", "bench", "--full", "--device", "cuda", "--dtype", "bfloat16", "--out", out],
              test_env, 1500)
     failed = [s for s, r in summary["steps"].items() if r["status"].startswith("failed")]
@@ -178,7 +231,9 @@ def finish(out, summary, code) -> int:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     lines = [f"# gpu-check: {summary['verdict']}", "", f"device {summary['device']}, commit {summary['commit']}"
-             + (" (dry run: no device work)" if summary["dry_run"] else ""), "", "| step | status | seconds | details |", "|---|---|---|---|"]
+             + (" (dry run: no device work)" if summary["dry_run"] else ""), "", "Rules that keep a pass from being vacuous:", ""]
+    lines += [f"- {rule}" for rule in summary["rules"]]
+    lines += ["", "| step | status | seconds | details |", "|---|---|---|---|"]
     for step, r in summary["steps"].items():
         details = ", ".join(f"{k}: {v}" for k, v in r.items() if k not in ("status", "seconds", "command"))
         lines.append(f"| {step} | {r['status']} | {r['seconds']} | {details} |")

@@ -65,8 +65,40 @@ def why_not(name: str, p: Problem, explicit: bool = False) -> str | None:
 
 
 def kernel(backend: str, name: str) -> Callable:
-    """Backend's kernel `name` (an op, or <op>_backward)."""
-    return getattr(BACKENDS[backend].module(name.removesuffix("_backward")), name)
+    """Backend's kernel `name` (an op, or <op>_backward). Triton's run under their inputs' device.
+    Looked up on every call, not cached, so that a patched module attribute is what runs."""
+    fn = getattr(BACKENDS[backend].module(name.removesuffix("_backward")), name)
+    return _on_inputs_device(fn) if backend == "triton" else fn
+
+
+def _first_tensor(args):
+    import torch
+
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and (t := _first_tensor(a)) is not None:
+            return t
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _on_inputs_device(fn: Callable) -> Callable:
+    """Triton launches on torch's current device and its current stream, whatever device the
+    tensors are on: tensors on cuda:1 while cuda:0 is current would fail, or with peer access run
+    on the wrong GPU unordered with the stream that made them (a model spread over GPUs by
+    device_map="auto" does exactly this). The C++ kernels have their own device guard."""
+    import torch
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = _first_tensor(args)
+        if t is None or t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkernels_backend", default=None)

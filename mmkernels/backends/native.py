@@ -22,10 +22,60 @@ def cpu_rules(p: Problem, explicit: bool) -> list[str]:
     return [] if p.device.type == "cpu" else [f"runs on cpu tensors, got {p.device.type}"]
 
 
+BUILT_ARCHS = tuple(int(a) for a in _C.cuda_archs.split(",") if a)  # cubins for these; PTX for the newest
+
+
+def runs_on(capability: tuple[int, int], archs=BUILT_ARCHS) -> str | None:
+    """None if a GPU of this compute capability can run the CUDA kernels, else why not: it needs
+    sm_80 or newer, and either a cubin of its major version no newer than it (sm_80 runs on an
+    sm_86) or the PTX of the newest built arch, which the driver compiles for newer GPUs."""
+    cc = 10 * capability[0] + capability[1]
+    if cc < 80:
+        return f"the CUDA kernels need sm_80 or newer, got sm_{cc}"
+    if any(a // 10 == capability[0] and a <= cc for a in archs) or (archs and cc >= max(archs)):
+        return None
+    return f"this build has code for sm_{', sm_'.join(map(str, archs))} (MMKERNELS_CUDA_ARCHS), none of it runs on sm_{cc}"
+
+
+def _index(device: torch.device) -> int | None:
+    """The GPU a cuda Problem is on, or None where there is none to ask: a Problem can name cuda
+    on a machine without a driver (the support table, explain), and asking would raise."""
+    if not torch.cuda.is_available():
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(index: int | None) -> str | None:
+    return None if index is None else runs_on(torch.cuda.get_device_capability(index))
+
+
 def cuda_rules(p: Problem, explicit: bool) -> list[str]:
     if not CUDA_COMPILED:
         return ["this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"]
-    return [] if p.device.type == "cuda" else [f"runs on cuda tensors, got {p.device.type}"]
+    if p.device.type != "cuda":
+        return [f"runs on cuda tensors, got {p.device.type}"]
+    why = _device_reason(_index(p.device))
+    return [why] if why else []
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_optin(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def attention_fits(p: Problem) -> str | None:
+    """The tensor-core attention kernels' shared memory (mmkernels/limits.py CUDA_ATTENTION_TILES)
+    within what one block may use on this GPU: sm_86 and sm_89 allow less than sm_80 and sm_90."""
+    from mmkernels.limits import CUDA_ATTENTION_TILES
+
+    if p.device.type != "cuda" or p.head_dim not in CUDA_ATTENTION_TILES["fwd"] or (index := _index(p.device)) is None:
+        return None
+    needed = max(CUDA_ATTENTION_TILES[k][p.head_dim]["shared_bytes"] for k in CUDA_ATTENTION_TILES)
+    allowed = _shared_optin(index)
+    if needed > allowed:
+        return f"its kernels at head dim {p.head_dim} need {needed} B of shared memory per block, this GPU allows {allowed}"
+    return None
 
 
 def cross_attention(q, k, v, *visibility):

@@ -197,7 +197,7 @@ ATTENTION_BACKENDS = {
     "reference": Capability(),
     "cpu": Capability(),
     "cuda": Capability(dtypes=HALVES, head_dims=CUDA_ATTENTION_HEAD_DIMS, aligned_rows=True, auto=native.CUDA_ATTENTION_VERIFIED,
-                       gpu_verified=native.CUDA_ATTENTION_VERIFIED),
+                       gpu_verified=native.CUDA_ATTENTION_VERIFIED, fits=native.attention_fits),
     "triton": Capability(dtypes=HALVES_AND_FLOAT32, head_dims=range(1, TRITON_MAX_HEAD_DIM + 1), fits=triton_backend.attention_fits),
 }
 

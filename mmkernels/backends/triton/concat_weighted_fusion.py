@@ -7,7 +7,8 @@ gradients (rows x M, fp32) and every feature/value gradient; the weight gradient
 dlogits^T @ features_m over fixed row chunks (deterministic: no atomics).
 
 Triton can't index a list of pointers, so up to MAX_MODALITIES modalities travel as separate
-pointer arguments and `pick` (common.py) selects one with a compile-time index inside tl.static_range.
+pointer arguments and `pick` (common.py) selects one with a compile-time index inside tl.static_range;
+their strides and widths travel as a tuple of integers.
 """
 import torch
 import triton
@@ -26,7 +27,7 @@ def _gate_logits(F0, F1, F2, F3, F4, F5, F6, F7, FMeta, W, w_ld, Bias, rows, row
     logits = tl.zeros([rows.shape[0], MP], tl.float32)
     for m in tl.static_range(M):
         f = pick(m, F0, F1, F2, F3, F4, F5, F6, F7)
-        stride, width, offset = tl.load(FMeta + 3 * m), tl.load(FMeta + 3 * m + 1), tl.load(FMeta + 3 * m + 2)
+        stride, width, offset = FMeta[3 * m], FMeta[3 * m + 1], FMeta[3 * m + 2]
         for c0 in range(0, width, BLOCK_C):
             cols = c0 + cols0
             x = tl.load(f + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < width), other=0.0).to(tl.float32)
@@ -61,7 +62,7 @@ def _fwd_kernel(
     if CONCAT:
         for m in tl.static_range(M):
             v = pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
-            stride, width, offset = tl.load(VMeta + 3 * m), tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
+            stride, width, offset = VMeta[3 * m], VMeta[3 * m + 1], VMeta[3 * m + 2]
             gm = _column(g, mods, m)
             for c0 in range(0, width, BLOCK_C):
                 cols = c0 + cols0
@@ -69,14 +70,14 @@ def _fwd_kernel(
                 x = tl.load(v + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 tl.store(out_rows + offset + cols[None, :], (gm[:, None] * x).to(Out.dtype.element_ty), mask=mask)
     else:
-        width = tl.load(VMeta + 1)
+        width = VMeta[1]
         for c0 in range(0, width, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols[None, :] < width)
             acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
             for m in tl.static_range(M):
                 v = pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
-                x = tl.load(v + rows[:, None].to(tl.int64) * tl.load(VMeta + 3 * m) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(v + rows[:, None].to(tl.int64) * VMeta[3 * m] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 acc += _column(g, mods, m)[:, None] * x
             tl.store(out_rows + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
@@ -99,7 +100,7 @@ def _bwd_kernel(
     dg = tl.zeros([BLOCK_R, MP], tl.float32)
     for m in tl.static_range(M):
         v = pick(m, V0, V1, V2, V3, V4, V5, V6, V7)
-        stride, width, offset = tl.load(VMeta + 3 * m), tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
+        stride, width, offset = VMeta[3 * m], VMeta[3 * m + 1], VMeta[3 * m + 2]
         d_off = offset if CONCAT else 0
         part = tl.zeros([BLOCK_R], tl.float32)
         for c0 in range(0, width, BLOCK_C):
@@ -112,8 +113,8 @@ def _bwd_kernel(
     dl = g * (dg - tl.sum(g * dg, 1)[:, None])
     tl.store(DLogits + rows64 * M + mods[None, :], dl, mask=row_ok[:, None] & (mods[None, :] < M))
     for m in tl.static_range(M):
-        f_width, f_offset = tl.load(FMeta + 3 * m + 1), tl.load(FMeta + 3 * m + 2)
-        v_width, v_offset = tl.load(VMeta + 3 * m + 1), tl.load(VMeta + 3 * m + 2)
+        f_width, f_offset = FMeta[3 * m + 1], FMeta[3 * m + 2]
+        v_width, v_offset = VMeta[3 * m + 1], VMeta[3 * m + 2]
         d_off = v_offset if CONCAT else 0
         gm = _column(g, mods, m)
         df = pick(m, DF0, DF1, DF2, DF3, DF4, DF5, DF6, DF7)
@@ -134,13 +135,14 @@ def _bwd_kernel(
                 tl.store(dv + rows64 * v_width + cols[None, :], (gm[:, None] * d).to(dv.dtype.element_ty), mask=mask)
 
 
-def _meta(tensors, device):
-    """(row stride, width, column offset) per modality, as int64 on the device."""
-    rows, offset = [], 0
+def _meta(tensors):
+    """(row stride, width, column offset) per modality, flat: a tuple of kernel arguments, never a
+    device tensor built per call (that would be a host-to-device copy and a sync)."""
+    meta, offset = [], 0
     for t in tensors:
-        rows += [t.stride(0), t.shape[1], offset]
+        meta += [t.stride(0), t.shape[1], offset]
         offset += t.shape[1]
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    return tuple(meta)
 
 
 def concat_weighted_fusion(features, weight, bias, values, concat):
@@ -155,7 +157,7 @@ def concat_weighted_fusion(features, weight, bias, values, concat):
         return out, gate
     block_r, block_c, warps = fusion_config()
     _fwd_kernel[(triton.cdiv(rows, block_r),)](
-        *padded(features), *padded(vals), _meta(features, out.device), _meta(vals, out.device),
+        *padded(features), *padded(vals), _meta(features), _meta(vals),
         weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0), gate, rows,
         M=M, MP=max(2, triton.next_power_of_2(M)), HAS_BIAS=bias is not None, CONCAT=concat,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
@@ -173,7 +175,7 @@ def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, co
     if rows > 0:
         block_r, block_c, warps = fusion_config()
         _bwd_kernel[(triton.cdiv(rows, block_r),)](
-            *padded(features), *padded(vals), _meta(features, gate.device), _meta(vals, gate.device),
+            *padded(features), *padded(vals), _meta(features), _meta(vals),
             *padded(grad_features), *padded(grad_values or grad_features),
             weight, weight.stride(0), grad_out, grad_out.stride(0), gate, dlogits, rows,
             M=M, MP=max(2, triton.next_power_of_2(M)), CONCAT=concat, SEPARATE_VALUES=bool(values),

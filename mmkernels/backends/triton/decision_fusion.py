@@ -50,7 +50,7 @@ def _fwd_kernel(L0, L1, L2, L3, L4, L5, L6, L7, Strides, W, Out, rows_total, C,
     mx_all = tl.zeros([BLOCK_R, MP], tl.float32)
     total_all = tl.zeros([BLOCK_R, MP], tl.float32)
     for m in tl.static_range(M):
-        mx, total = _stats(pick(m, L0, L1, L2, L3, L4, L5, L6, L7), tl.load(Strides + m), rows, row_ok, C, PROB, BLOCK_C)
+        mx, total = _stats(pick(m, L0, L1, L2, L3, L4, L5, L6, L7), Strides[m], rows, row_ok, C, PROB, BLOCK_C)
         mx_all = tl.where(mods[None, :] == m, mx[:, None], mx_all)
         total_all = tl.where(mods[None, :] == m, total[:, None], total_all)
     for c0 in range(0, C, BLOCK_C):
@@ -60,7 +60,7 @@ def _fwd_kernel(L0, L1, L2, L3, L4, L5, L6, L7, Strides, W, Out, rows_total, C,
         for m in tl.static_range(M):
             mx = tl.sum(tl.where(mods[None, :] == m, mx_all, 0.0), 1)
             total = tl.sum(tl.where(mods[None, :] == m, total_all, 0.0), 1)
-            acc += tl.load(W + m) * _p(pick(m, L0, L1, L2, L3, L4, L5, L6, L7), tl.load(Strides + m), rows, cols, mask, mx, total, PROB)
+            acc += tl.load(W + m) * _p(pick(m, L0, L1, L2, L3, L4, L5, L6, L7), Strides[m], rows, cols, mask, mx, total, PROB)
         tl.store(Out + rows[:, None].to(tl.int64) * C + cols[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -73,7 +73,7 @@ def _bwd_kernel(L0, L1, L2, L3, L4, L5, L6, L7, G0, G1, G2, G3, G4, G5, G6, G7, 
     for m in tl.static_range(M):
         x_ptr = pick(m, L0, L1, L2, L3, L4, L5, L6, L7)
         g_ptr = pick(m, G0, G1, G2, G3, G4, G5, G6, G7)
-        stride = tl.load(Strides + m)
+        stride = Strides[m]
         w = tl.load(W + m)
         mx, total = _stats(x_ptr, stride, rows, row_ok, C, PROB, BLOCK_C)
         gp = tl.zeros([BLOCK_R], tl.float32)
@@ -99,7 +99,7 @@ def decision_fusion(logits, weights, prob):
     out = logits[0].new_empty(rows, C)
     if rows:
         block_r, block_c, warps = fusion_config()
-        strides = torch.tensor([t.stride(0) for t in logits], dtype=torch.int64, device=out.device)
+        strides = tuple(t.stride(0) for t in logits)  # kernel arguments, not a device tensor (no copy, no sync)
         if len(logits) > 4 and not INTERPRET:
             warps *= 2  # the unrolled per-modality loads of a column tile: more threads, fewer registers each
         _fwd_kernel[(triton.cdiv(rows, block_r),)](*padded(logits), strides, weights.float().contiguous(), out, rows, C,
@@ -114,7 +114,7 @@ def decision_fusion_backward(grad_out, logits, weights, prob):
     gp = torch.zeros(rows, len(logits), dtype=torch.float32, device=grad_out.device)
     if rows:
         block_r, block_c, warps = fusion_config()
-        strides = torch.tensor([t.stride(0) for t in logits], dtype=torch.int64, device=grad_out.device)
+        strides = tuple(t.stride(0) for t in logits)
         _bwd_kernel[(triton.cdiv(rows, block_r),)](*padded(logits), *padded(grads), strides, weights.float().contiguous(), grad_out,
                                                     grad_out.stride(0), gp, rows, C, M=len(logits), PROB=prob,
                                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)

@@ -22,8 +22,7 @@ def _kernel(F0, F1, F2, F3, F4, F5, F6, F7, W0, W1, W2, W3, W4, W5, W6, W7, Meta
     for m in tl.static_range(M):  # the K loop walks each modality in turn: the virtual concatenation
         f = pick(m, F0, F1, F2, F3, F4, F5, F6, F7)
         w = pick(m, W0, W1, W2, W3, W4, W5, W6, W7)
-        acc = matmul_acc(acc, f, tl.load(Meta + 3 * m), w, tl.load(Meta + 3 * m + 2), rm, rn, rows, N,
-                          tl.load(Meta + 3 * m + 1), PRECISION, BLOCK_K)
+        acc = matmul_acc(acc, f, Meta[3 * m], w, Meta[3 * m + 2], rm, rn, rows, N, Meta[3 * m + 1], PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < rows) & (rn[None, :] < N)
@@ -41,7 +40,8 @@ def linear_fusion(features, weights, bias, activation):
     pre = features[0].new_empty(0) if activation == 0 else features[0].new_empty(rows, N)
     if rows == 0 or N == 0:
         return out, pre
-    meta = torch.tensor([v for f, w in zip(features, weights) for v in (f.stride(0), f.shape[1], w.stride(0))], dtype=torch.int64, device=out.device)
+    # (feature row stride, width, weight row stride) per modality: kernel arguments, not a device tensor
+    meta = tuple(v for f, w in zip(features, weights) for v in (f.stride(0), f.shape[1], w.stride(0)))
     bm, bn, bk = (16, 16, 16) if INTERPRET else (64, 64, 32)
     _kernel[(triton.cdiv(rows, bm), triton.cdiv(N, bn))](
         *padded(features), *padded(weights), meta, bias if bias is not None else out, out, pre, rows, N,
