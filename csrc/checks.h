@@ -24,12 +24,14 @@ inline void rows_like(const at::Tensor& t, const std::string& name, const at::Te
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.scalar_type() == ref.scalar_type() && t.device() == ref.device(),
               name, " must be (", rows, ", width) with ", ref_name, "'s dtype and device (", ref.scalar_type(), " on ",
               ref.device(), "), got ", describe(t));
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have a contiguous last dim, got strides ", t.strides());
+  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, name, " must have a contiguous last dim, got strides ",
+              t.strides());
 }
 
 inline void float_rows(const at::Tensor& t, const std::string& name) {
   TORCH_CHECK(t.dim() == 2 && at::isFloatingType(t.scalar_type()), name, " must be a 2-D float tensor, got ", describe(t));
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have a contiguous last dim, got strides ", t.strides());
+  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, name, " must have a contiguous last dim, got strides ",
+              t.strides());
 }
 
 // A non-empty list of (rows, D_m) float tensors with the first one's dtype, device and rows.

@@ -44,7 +44,7 @@ inline void check_index(const c10::optional<at::Tensor>& t, const char* name, co
 }
 
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
               " must have a contiguous last dim (stride 1), got strides ", t.strides());
 }
 

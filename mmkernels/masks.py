@@ -9,8 +9,12 @@ real biases need the (Lq, Lk) matrix.
 
 to_ranges() turns a boolean or additive mask into those ranges, or says why it can't. Deciding
 "is every row one interval" needs one device-to-host sync, so callers convert a mask once and
-reuse the result: RangeCache keeps the last few conversions, keyed on the mask tensor itself
-(its storage, shape, strides and version counter).
+reuse the decision: RangeCache keeps the last few, keyed on the mask tensor itself (its storage,
+shape, strides and version counter). A cached decision never serves stale values, even after
+writes that bump no version counter (through .data, a NumPy view, DLPack; any write in inference
+mode): the ranges are recomputed from the mask's current values on its device each call (no
+sync), with a device-side assert that its structure (one span per row, the holes) is still the
+one decided. On the CPU, where reading a mask costs no sync, every call decides afresh.
 """
 import weakref
 
@@ -32,37 +36,69 @@ def visible_keys(mask: torch.Tensor, *, bool_true_means: str) -> torch.Tensor | 
     return ~hidden
 
 
-def interval_ranges(visible: torch.Tensor):
+def _spans(visible: torch.Tensor):
+    """(first, last, seen, holes, spans_ok) of visible (B, Lq, Lk), on the device: each row's
+    first and one-past-last visible key (0, 0 when empty), the keys some row of its batch sees,
+    and whether some row's span has a hole / every row is one span less keys no row sees."""
+    Lk = visible.shape[-1]
+    count = visible.sum(-1)
+    first = visible.int().argmax(-1)
+    last = Lk - visible.flip(-1).int().argmax(-1)
+    nonempty = count > 0
+    first, last = torch.where(nonempty, first, 0), torch.where(nonempty, last, 0)
+    seen = visible.any(1)  # keys some row of the batch sees
+    prefix = torch.nn.functional.pad(seen.cumsum(-1), (1, 0))  # seen keys before j
+    in_span = prefix.gather(1, last) - prefix.gather(1, first)
+    return first, last, seen, (count < last - first).any(), (count == in_span).all()
+
+
+def interval_ranges(visible: torch.Tensor, decided_holes: bool | None = None):
     """visible (B, H, Lq, Lk) bool, the same for every head -> ((kv_start, kv_end, key_padding_mask),
     None) or (None, why not). Each row must see one contiguous span of keys, less keys that no row
     of its batch sees (padding inside an image's slot, say): those become key_padding_mask (True =
-    hidden; None when no span has such a hole). Empty rows get start = end = 0."""
+    hidden; None when no span has such a hole). Empty rows get start = end = 0.
+
+    decided_holes: the structure was decided before (a cached decision): recompute the ranges
+    without a host sync, and assert on the device that the structure still holds."""
     B, H, Lq, Lk = visible.shape
-    if H > 1 and not bool((visible == visible[:, :1]).all()):
+    if decided_holes is None and H > 1 and not bool((visible == visible[:, :1]).all()):
         return None, "the mask differs between heads"
-    vis = visible[:, 0]
-    count = vis.sum(-1)
-    first = vis.int().argmax(-1)
-    last = Lk - vis.flip(-1).int().argmax(-1)
-    nonempty = count > 0
-    first, last = torch.where(nonempty, first, 0), torch.where(nonempty, last, 0)
-    seen = vis.any(1)  # keys some row of the batch sees
-    prefix = torch.nn.functional.pad(seen.cumsum(-1), (1, 0))  # seen keys before j
-    in_span = prefix.gather(1, last) - prefix.gather(1, first)
-    holes, spans_ok = (count < last - first).any(), (count == in_span).all()
+    first, last, seen, holes, spans_ok = _spans(visible[:, 0])
+    if decided_holes is not None:
+        same = spans_ok & (holes == decided_holes)
+        if H > 1:
+            same = same & (visible == visible[:, :1]).all()
+        torch._assert_async(same, "an attention mask was rewritten in place (no version bump) into one of another "
+                                  "structure since mmkernels converted it; pass a new mask tensor")
+        return (first, last, ~seen if decided_holes else None), None
     holes, spans_ok = torch.stack([holes, spans_ok]).tolist()  # the one host sync
     if not spans_ok:
         return None, "a row's visible keys are not one span (less keys no row sees)"
     return (first, last, ~seen if holes else None), None
 
 
-def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str):
+def _visible_async(mask, bool_true_means):
+    """visible_keys of a mask already decided to be visible/hidden only: no host sync, a device
+    assert that a float mask still holds only 0 and -inf."""
+    if mask.dtype == torch.bool:
+        return visible_keys(mask, bool_true_means=bool_true_means)
+    hidden = mask <= torch.finfo(mask.dtype).min / 2
+    torch._assert_async((hidden | (mask == 0)).all(), "a float attention mask was rewritten in place (no version bump) "
+                                                     "with values other than 0 and -inf; pass a new mask tensor")
+    return ~hidden
+
+
+def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str,
+              decided_holes: bool | None = None):
     """A 2-D (Lq, Lk), 3-D (B or B*H, Lq, Lk) or 4-D (B or 1, 1 or H, Lq or 1, Lk) mask ->
     ((kv_start, kv_end, key_padding_mask), None) for the kernels (see interval_ranges), or
-    (None, why not)."""
+    (None, why not). decided_holes: recompute a decided mask's ranges without a sync."""
     if mask.shape[-1] != kv_len or mask.shape[-2] not in (1, q_len):
         return None, f"a mask of shape {tuple(mask.shape)} for Lq={q_len}, Lk={kv_len}"
-    visible = visible_keys(mask, bool_true_means=bool_true_means)
+    if decided_holes is not None:
+        visible = _visible_async(mask, bool_true_means)
+    else:
+        visible = visible_keys(mask, bool_true_means=bool_true_means)
     if visible is None:
         return None, "the mask is an additive bias, not just visible/hidden"
     if visible.dim() == 2:
@@ -76,7 +112,7 @@ def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_t
     if visible.shape[0] not in (1, batch):
         return None, f"a mask for batch {visible.shape[0]}, not {batch}"
     visible = visible.expand(visible.shape[0], visible.shape[1], q_len, kv_len)
-    ranges, why = interval_ranges(visible)
+    ranges, why = interval_ranges(visible, decided_holes)
     if ranges is None:
         return None, why
     start, end, hidden = ranges
@@ -87,8 +123,9 @@ def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_t
 
 
 class RangeCache:
-    """The last few to_ranges() results, keyed on the mask tensor (a new mask, or one written to
-    in place, is converted again)."""
+    """The last few to_ranges() decisions, keyed on the mask tensor: a new mask, or one written to
+    in place, is decided again; one rewritten behind its version counter's back is caught (see
+    the module's docstring)."""
 
     def __init__(self, size: int = 8):
         self.size = size
@@ -96,29 +133,43 @@ class RangeCache:
 
     @staticmethod
     def _key(mask, batch, q_len, kv_len, bool_true_means):
+        version = None if mask.is_inference() else mask._version  # inference tensors have no version counter
         return (mask.untyped_storage().data_ptr(), mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()),
-                mask.dtype, mask.device, mask._version, batch, q_len, kv_len, bool_true_means)
+                mask.dtype, mask.device, version, batch, q_len, kv_len, bool_true_means)
+
+    # Devices whose masks are decided afresh every call: reading them needs no sync.
+    decide_every_call_on = ("cpu",)
 
     def __call__(self, mask, batch, q_len, kv_len, *, bool_true_means):
         if torch.compiler.is_compiling():
             # Deciding needs the mask's values, which a traced graph does not have.
             return None, "masks are not converted to ranges inside torch.compile"
-        key = self._key(mask, batch, q_len, kv_len, bool_true_means)
-        return self._cached(key, mask, lambda: to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means))
+        convert = lambda holes=None: to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means,
+                                               decided_holes=holes)
+        if mask.device.type in self.decide_every_call_on:
+            return convert()
+        hit = self._decided(self._key(mask, batch, q_len, kv_len, bool_true_means), mask)
+        if hit is None:
+            return self._store(self._key(mask, batch, q_len, kv_len, bool_true_means), mask, convert())
+        ranges, why = hit
+        return (None, why) if ranges is None else convert(ranges[2] is not None)  # this call's values, no sync
 
     def visible(self, mask, *, bool_true_means):
         """visible_keys(mask), cached: for a float mask, deciding that it is only 0 and -inf
         costs a host sync."""
-        if mask.dtype == torch.bool:
+        if mask.dtype == torch.bool or mask.device.type in self.decide_every_call_on:
             return visible_keys(mask, bool_true_means=bool_true_means)
         key = ("visible", *self._key(mask, 0, 0, 0, bool_true_means))
-        return self._cached(key, mask, lambda: visible_keys(mask, bool_true_means=bool_true_means))
+        hit = self._decided(key, mask)
+        if hit is None:
+            return self._store(key, mask, (visible_keys(mask, bool_true_means=bool_true_means),))[0]
+        return None if hit[0] is None else _visible_async(mask, bool_true_means)
 
-    def _cached(self, key, mask, compute):
+    def _decided(self, key, mask):
         hit = self._entries.get(key)
-        if hit is not None and hit[0]() is mask:
-            return hit[1]
-        result = compute()
+        return hit[1] if hit is not None and hit[0]() is mask else None
+
+    def _store(self, key, mask, result):
         self._entries[key] = (weakref.ref(mask), result)
         while len(self._entries) > self.size:
             self._entries.pop(next(iter(self._entries)))

@@ -85,9 +85,25 @@ class PatchReport:
 
 
 def _children(model):
-    for parent_path, parent in model.named_modules():
-        for name, child in parent.named_children():
-            yield parent, name, f"{parent_path}.{name}" if parent_path else name, child
+    """Every (parent, attribute, path, child) edge of the module graph: a module shared by two
+    parents comes once per parent (named_modules() would list it once)."""
+    for parent_path, parent in model.named_modules(remove_duplicate=True):
+        for name, child in parent._modules.items():
+            if child is not None:
+                yield parent, name, f"{parent_path}.{name}" if parent_path else name, child
+
+
+def _adopt_parameters(new: nn.Module, old: nn.Module):
+    """The replacement holds the original's Parameter and buffer objects, not copies: weights tied
+    to other modules stay tied, and an optimizer made before patch() still updates the model."""
+    for kind in ("_parameters", "_buffers"):
+        for path, value in (old.named_parameters(remove_duplicate=False) if kind == "_parameters"
+                            else old.named_buffers(remove_duplicate=False)):
+            *owner_path, leaf = path.split(".")
+            owner = new.get_submodule(".".join(owner_path)) if owner_path else new
+            current = getattr(owner, kind).get(leaf)
+            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                getattr(owner, kind)[leaf] = value
 
 
 def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchReport:
@@ -97,6 +113,10 @@ def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchRepo
     and why. Kind "attn_implementation": a Hugging Face transformers model (or one inside the
     model), whose attention runs in functions, is switched to attn_implementation="mmkernels"
     where it allows that. include= limits the kinds.
+    The module graph is kept: a module shared by two parents gets one shared replacement, and a
+    replacement holds its original's Parameter objects, so tied weights stay tied (and an optimizer
+    made before patch() keeps working). A bare supported module (patch(mha)) raises: patch()
+    cannot swap the object its caller holds; from_module() makes the replacement.
     unpatch() puts the originals back (they are remembered by the process, not saved with the
     model)."""
     known = {*RULES, "attn_implementation"}
@@ -104,8 +124,19 @@ def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchRepo
     unknown = kinds - known
     if unknown:
         raise ValueError(f"patch(include=...) must name kinds from {sorted(known)}, got {sorted(unknown)}")
+    for kind, (matches, _, make, _) in RULES.items():
+        if matches(model):
+            raise ValueError(f"patch() replaces the modules inside a model, in place; this is a bare {type(model).__name__}, "
+                             f"which it cannot replace in its caller's hands: use {make.__qualname__.split('.')[0]}"
+                             f".from_module(module) and keep what it returns")
     report = PatchReport()
+    replaced = {}  # id(original) -> (replacement, first path): a shared module gets one shared replacement
     for parent, name, path, child in list(_children(model)):
+        if id(child) in replaced:
+            new, first = replaced[id(child)]
+            setattr(parent, name, new)
+            report.notes.append(f"{path} is the same module as {first}: it shares the one replacement")
+            continue
         for kind, (matches, refusal, make, runs) in RULES.items():
             if not matches(child):
                 continue
@@ -114,9 +145,11 @@ def patch(model: nn.Module, *, include=None, verbose: bool = False) -> PatchRepo
                 report.left_alone.append((path, type(child).__name__, why))
                 break
             new = make(child)
+            _adopt_parameters(new, child)
             _ORIGINALS[new] = child
             new._mmkernels_patched = True  # a flag, saved with the model, so unpatch() knows it after loading
             setattr(parent, name, new)
+            replaced[id(child)] = (new, path)
             report.replaced.append((path, type(child).__name__, type(new).__name__))
             report.runs[path], report.modules[path] = runs, weakref.ref(new)
             break
@@ -162,15 +195,20 @@ def unpatch(model: nn.Module) -> int:
             hf.set_attn_implementation(hf._mmkernels_previous_attn_implementation)
             del hf._mmkernels_previous_attn_implementation
             restored += 1
+    originals = {}  # id(replacement) -> original: a shared replacement gives back one shared original
     for parent, name, _, child in list(_children(model)):
+        if id(child) in originals:
+            setattr(parent, name, originals[id(child)])
+            continue
         original = _ORIGINALS.pop(child, None)
         if original is not None:
-            original.load_state_dict(child.state_dict())
+            original.load_state_dict(child.state_dict())  # the same Parameter objects unless replaced since
             original.train(child.training)
         elif type(child) is CrossModalAttention and getattr(child, "_mmkernels_patched", False):
             original = child.to_stock()
         else:
             continue
+        originals[id(child)] = original
         setattr(parent, name, original)
         restored += 1
     return restored

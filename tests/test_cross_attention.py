@@ -137,3 +137,58 @@ def test_dropout_same_seed_bitwise_equal(backend):
         runs.append((out, *torch.autograd.grad(out, (qq, kk, vv), grad)))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
     assert not torch.equal(runs[0][0], runs[2][0])
+
+
+# flash-attn's README, written out: with causal=True and Lq != Lk the mask is aligned to the
+# bottom-right corner, and a row whose mask is all zero outputs zero. (1 = key kept.)
+FLASH_ATTN_CAUSAL = {
+    (2, 5): [[1, 1, 1, 1, 0],
+             [1, 1, 1, 1, 1]],
+    (5, 2): [[0, 0],
+             [0, 0],
+             [0, 0],
+             [1, 0],
+             [1, 1]],
+}
+
+
+def attention_by_rows(q, k, v, keep):
+    """Each query row alone, in float64: softmax over the keys its row of `keep` kept, or zero."""
+    scale = q.shape[-1] ** -0.5
+    rows = []
+    for i in range(q.shape[-2]):
+        kept = torch.tensor(keep[i], dtype=torch.bool)
+        if not kept.any():
+            rows.append(torch.zeros_like(q[..., i, :]))
+            continue
+        p = torch.softmax((q[..., i : i + 1, :] @ k[..., kept, :].transpose(-1, -2)) * scale, dim=-1)
+        rows.append((p @ v[..., kept, :])[..., 0, :])
+    return torch.stack(rows, dim=-2)
+
+
+@pytest.mark.parametrize("shape", sorted(FLASH_ATTN_CAUSAL), ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_unequal_lengths_is_flash_attn_bottom_right(backend, shape):
+    Lq, Lk = shape
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(2, 3, L, 16, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
+    grad = torch.randn(2, 3, Lq, 16, generator=g, dtype=torch.float64)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out = mmkernels.cross_attention(*leaves, causal=True, backend=backend)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_by_rows(*ref_leaves, FLASH_ATTN_CAUSAL[shape])
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    for a, r in zip(torch.autograd.grad(out, leaves, grad.float()), torch.autograd.grad(ref, ref_leaves, grad)):
+        torch.testing.assert_close(a.double(), r, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_unequal_lengths_on_bigger_shapes(backend):
+    """The same rule, spelled as flash-attn's docstring does (row i keeps key j when
+    j <= i + Lk - Lq), over lengths that cross tile edges both ways."""
+    g = torch.Generator().manual_seed(SEED)
+    for Lq, Lk in ((37, 70), (70, 37), (1, 33), (33, 1)):
+        q, k, v = (torch.randn(1, 2, L, 16, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
+        keep = [[int(j <= i + Lk - Lq) for j in range(Lk)] for i in range(Lq)]
+        out = mmkernels.cross_attention(q.float(), k.float(), v.float(), causal=True, backend=backend)
+        torch.testing.assert_close(out.double(), attention_by_rows(q, k, v, keep), atol=2e-6, rtol=1e-5)

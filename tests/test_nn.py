@@ -299,24 +299,102 @@ def test_save_after_patch_does_not_store_the_originals(tmp_path):
     torch.testing.assert_close(loaded(x, memory), decoder(x, memory), atol=1e-5, rtol=1e-4)
 
 
-def test_masks_are_converted_once_per_forward_and_layers_still_pickle(tmp_path, monkeypatch):
-    """The mask conversions are cached per mask tensor for all layers together (one host
-    decision per forward, not one per layer), and a layer that has used a mask still saves."""
+def test_masks_are_decided_once_per_forward_and_layers_still_pickle(tmp_path, monkeypatch):
+    """A mask's structure is decided once for all layers (the one host sync; a CUDA mask's case,
+    forced here on the CPU), each layer recomputing the ranges from the values it is given; and
+    a layer that has used a mask still saves."""
     import mmkernels.masks as masks
 
+    monkeypatch.setattr(masks.SHARED, "decide_every_call_on", ())
+    monkeypatch.setattr(masks.SHARED, "_entries", {})
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 64, batch_first=True), 3, enable_nested_tensor=False)
+    stock = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 64, batch_first=True), 3, enable_nested_tensor=False)
+    stock.load_state_dict(encoder.state_dict())
     mmkernels.patch(encoder)
     x = torch.randn(2, 7, E)
     causal = nn.Transformer.generate_square_subsequent_mask(7)
     pad = torch.arange(7) >= torch.tensor([7, 4]).view(-1, 1)
-    calls = {"ranges": 0, "visible": 0}
+    decisions = {"ranges": 0, "visible": 0}
     to_ranges, visible = masks.to_ranges, masks.visible_keys
-    monkeypatch.setattr(masks, "to_ranges", lambda *a, **k: calls.__setitem__("ranges", calls["ranges"] + 1) or to_ranges(*a, **k))
-    monkeypatch.setattr(masks, "visible_keys", lambda *a, **k: calls.__setitem__("visible", calls["visible"] + 1) or visible(*a, **k))
+
+    def counted_ranges(*a, decided_holes=None, **k):
+        decisions["ranges"] += decided_holes is None
+        return to_ranges(*a, decided_holes=decided_holes, **k)
+
+    monkeypatch.setattr(masks, "to_ranges", counted_ranges)
+    monkeypatch.setattr(masks, "visible_keys", lambda *a, **k: decisions.__setitem__("visible", decisions["visible"] + 1) or visible(*a, **k))
     encoder(x, mask=causal, src_key_padding_mask=pad)  # the encoder turns pad into one float mask for all layers
-    assert calls == {"ranges": 1, "visible": 2}  # the padding mask, and the attn_mask inside to_ranges
+    assert decisions == {"ranges": 1, "visible": 2}  # the padding mask, and the attn_mask inside to_ranges
     assert all(layer.self_attn.last_fallback is None for layer in encoder.layers)
+    encoder.eval(), stock.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x, mask=causal, src_key_padding_mask=pad), stock(x, mask=causal, src_key_padding_mask=pad),
+                                   atol=1e-5, rtol=1e-4)
     torch.save(encoder, tmp_path / "encoder.pt")
+
+
+def _rewrite(mask, how, value_at):
+    """Writes into a mask without bumping its version counter (or, in inference mode, with none)."""
+    if how == "data":
+        mask.data[value_at] = ~mask.data[value_at] if mask.dtype == torch.bool else 0.0
+    elif how == "numpy":
+        mask.numpy()[value_at] = ~mask.numpy()[value_at] if mask.dtype == torch.bool else 0.0
+    else:  # dlpack
+        alias = torch.from_dlpack(mask)
+        alias[value_at] = ~alias[value_at] if mask.dtype == torch.bool else 0.0
+
+
+@pytest.mark.parametrize("decided", [False, True], ids=["cpu", "cuda-like"])
+@pytest.mark.parametrize("how", ["data", "numpy", "dlpack"])
+def test_a_mask_rewritten_behind_its_version_counter_is_never_stale(how, decided, monkeypatch):
+    """Rewriting a mask in place through .data, a NumPy view or DLPack bumps no version counter:
+    the next call still computes with the new values, as stock does. (cuda-like: the cached-
+    decision path of CUDA masks, forced on the CPU.)"""
+    import mmkernels.masks as masks
+
+    if decided:
+        monkeypatch.setattr(masks.SHARED, "decide_every_call_on", ())
+    stock, ours = mha_pair(True, None, True)
+    q, k, v = inputs(True, None)
+    mask = torch.zeros(5, 7, dtype=torch.bool)  # hidden keys, one span per row
+    mask[:, 5:] = True
+    torch.testing.assert_close(ours(q, k, v, attn_mask=mask)[0], stock(q, k, v, attn_mask=mask)[0], atol=1e-5, rtol=1e-4)
+    version = mask._version
+    _rewrite(mask, how, (slice(None), slice(4, 5)))  # still one span per row: keys 0-3
+    assert mask._version == version
+    torch.testing.assert_close(ours(q, k, v, attn_mask=mask)[0], stock(q, k, v, attn_mask=mask)[0], atol=1e-5, rtol=1e-4)
+    _rewrite(mask, how, (slice(None), slice(1, 2)))  # a hole in every row: no longer ranges
+    if decided:  # the decision was "ranges": a structure change is an error, never a stale result
+        with pytest.raises(RuntimeError, match="rewritten in place"):
+            ours(q, k, v, attn_mask=mask)
+    else:
+        torch.testing.assert_close(ours(q, k, v, attn_mask=mask)[0], stock(q, k, v, attn_mask=mask)[0], atol=1e-5, rtol=1e-4)
+
+
+MASK_KINDS = ["bool key_padding_mask", "float key_padding_mask", "bool attn_mask", "float attn_mask", "causal"]
+
+
+@pytest.mark.parametrize("decided", [False, True], ids=["cpu", "cuda-like"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_layers_run_in_inference_mode_with_masks_made_inside_it(kind, decided, monkeypatch):
+    """Inference tensors have no version counter: the mask cache must not need one."""
+    import mmkernels.masks as masks
+
+    if decided:
+        monkeypatch.setattr(masks.SHARED, "decide_every_call_on", ())
+    stock, ours = mha_pair(True, None, True)
+    q, k, v = inputs(True, None)
+    with torch.inference_mode():
+        pad = torch.arange(7) >= torch.tensor([7, 4, 2]).view(-1, 1)
+        kw = {"bool key_padding_mask": dict(key_padding_mask=pad),
+              "float key_padding_mask": dict(key_padding_mask=torch.zeros(3, 7).masked_fill(pad, float("-inf"))),
+              "bool attn_mask": dict(attn_mask=torch.ones(5, 7, dtype=torch.bool).triu(3)),
+              "float attn_mask": dict(attn_mask=torch.zeros(5, 7).masked_fill(torch.ones(5, 7, dtype=torch.bool).triu(3), float("-inf"))),
+              "causal": dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(7)[2:])}[kind]
+        for _ in range(2):  # a miss, then a hit
+            got = ours(q, k, v, **kw)[0]
+        torch.testing.assert_close(got, stock(q, k, v, **kw)[0], atol=1e-5, rtol=1e-4)
+    assert ours.last_fallback is None
 
 
 def test_torchscript_kv_lengths_in_sequence_first_layout():
@@ -374,3 +452,100 @@ def test_a_layer_pickled_before_the_call_counters_still_runs():
     x = torch.randn(2, 5, E)
     layer(x, x, x)
     assert layer.fused_calls == 1
+
+
+class _TwoBlocks(nn.Module):
+    """Two parents sharing one attention module, and two attention modules with tied weights."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.MultiheadAttention(E, H, batch_first=True)
+        self.a, self.b = nn.ModuleDict({"attn": shared}), nn.ModuleDict({"attn": shared})
+        self.c, self.d = nn.MultiheadAttention(E, H, batch_first=True), nn.MultiheadAttention(E, H, batch_first=True)
+        self.d.in_proj_weight = self.c.in_proj_weight  # tied
+        self.d.out_proj.weight = self.c.out_proj.weight
+
+    def forward(self, x):
+        for m in (self.a["attn"], self.b["attn"], self.c, self.d):
+            x = x + m(x, x, x, need_weights=False)[0]
+        return x
+
+
+def test_patch_keeps_shared_modules_shared_and_tied_weights_tied():
+    torch.manual_seed(0)
+    model, stock = _TwoBlocks(), _TwoBlocks()
+    stock.load_state_dict(model.state_dict())
+    params_before = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # made before patch(): must still train the model
+    report = mmkernels.patch(model)
+    assert model.a["attn"] is model.b["attn"] and isinstance(model.a["attn"], CrossModalAttention)
+    assert model.d.in_proj_weight is model.c.in_proj_weight and model.d.out_proj.weight is model.c.out_proj.weight
+    assert sum(p.numel() for p in model.parameters()) == params_before
+    assert any("same module" in note for note in report.notes)
+    x = torch.randn(2, 5, E)
+    for m in (model, stock):
+        opt = optimizer if m is model else torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(model(x), stock(x), atol=1e-5, rtol=1e-4)
+    mmkernels.unpatch(model)
+    assert model.a["attn"] is model.b["attn"] and type(model.a["attn"]) is nn.MultiheadAttention
+    torch.testing.assert_close(model(x), stock(x), atol=1e-5, rtol=1e-4)
+
+
+def test_patch_of_a_bare_module_says_to_use_from_module():
+    mha = nn.MultiheadAttention(E, H)
+    with pytest.raises(ValueError, match="from_module"):
+        mmkernels.patch(mha)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(5, 5), (4, 7), (7, 4)])
+def test_is_causal_hint_does_what_stock_does_with_and_without_weights(Lq, Lk):
+    """Stock trusts is_causal when no weights and no key padding are asked for (SDPA's top-left
+    causal, whatever attn_mask says) and otherwise uses attn_mask; the layer must match both."""
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    ours = CrossModalAttention.from_module(stock)
+    q, kv = torch.randn(2, Lq, E), torch.randn(2, Lk, E)
+    not_causal = torch.zeros(Lq, Lk)  # a mask the hint contradicts
+    for need_weights in (False, True):
+        with torch.no_grad():
+            want, _ = stock(q, kv, kv, attn_mask=not_causal, is_causal=True, need_weights=need_weights)
+            got, _ = ours(q, kv, kv, attn_mask=not_causal, is_causal=True, need_weights=need_weights)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+SCRIPTABLE = {
+    "encoder layer": lambda: nn.TransformerEncoderLayer(E, H, 64, dropout=0.0, batch_first=True),
+    "encoder": lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 64, dropout=0.0, batch_first=True), 2,
+                                             enable_nested_tensor=False),
+    "decoder layer": lambda: nn.TransformerDecoderLayer(E, H, 64, dropout=0.0, batch_first=True),
+    "transformer": lambda: nn.Transformer(E, H, 1, 1, 64, dropout=0.0, batch_first=True),
+}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated, still used
+@pytest.mark.parametrize("name", SCRIPTABLE)
+def test_patched_stock_models_still_script(name):
+    """torch.jit.script of a patched encoder layer, encoder, decoder layer or nn.Transformer
+    compiles (it runs stock math on the replacement's weights) and gives the patched model's numbers,
+    with key padding, in eval and in training."""
+    torch.manual_seed(0)
+    model = SCRIPTABLE[name]()
+    mmkernels.patch(model)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 6, E)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    if name.startswith("decoder") or name == "transformer":
+        kw = dict(memory_key_padding_mask=pad)
+        args = (x[:, :5], x) if name.startswith("decoder") else (x, x[:, :5])  # (tgt, memory) or (src, tgt)
+    else:
+        kw = dict(src_key_padding_mask=pad)
+        args = (x,)
+    for training in (False, True):
+        model.train(training), scripted.train(training)
+        want = model(*args, **kw)
+        got = scripted(*args, **kw)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

@@ -43,7 +43,7 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.clone()
 
 
-ROWS = ("q", "k", "v", "features", "logits", "x_a", "x_b", "x", "h")
+ROWS = ("features", "logits", "x_a", "x_b", "x", "h")
 
 
 def with_layouts(draw, named):
@@ -79,13 +79,47 @@ def attention_args(draw):
 @given(args=attention_args())
 def test_attention_arguments_in_any_layout(backend, args):
     q, k, v = (args.pop(n) for n in "qkv")
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # detach keeps the layout; clone would not
+    assert [l.stride() for l in leaves] == [t.stride() for t in (q, k, v)]
     out = mmkernels.cross_attention(*leaves, backend=backend, **args)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = mmkernels.cross_attention(*ref_leaves, backend="reference", **args)
     torch.testing.assert_close(out, ref.float(), atol=3e-5, rtol=1e-4)
     grad = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, ref_leaves, grad.double())):
+        torch.testing.assert_close(a, r.float(), atol=3e-5, rtol=1e-4)
+
+
+@st.composite
+def co_attention_args(draw):
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    La, Lb, D = draw(st.integers(1, 20)), draw(st.integers(1, 20)), draw(st.sampled_from([8, 16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    args = {n: torch.randn(B, H, La if n.endswith("a") else Lb, D, generator=g) for n in ("q_a", "k_a", "v_a", "q_b", "k_b", "v_b")}
+    if draw(st.booleans()):
+        args["lengths_a"] = torch.randint(0, La + 1, (B,), generator=g)
+        args["lengths_b"] = torch.randint(0, Lb + 1, (B,), generator=g).int()
+    if draw(st.booleans()):
+        args["kv_start_a"] = torch.randint(-1, Lb, (B, La), generator=g)
+        args["kv_end_a"] = torch.randint(0, Lb + 2, (B, La), generator=g)
+    return with_layouts(draw, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@given(args=co_attention_args())
+def test_co_attention_arguments_in_any_layout(backend, args):
+    names = ("q_a", "k_a", "v_a", "q_b", "k_b", "v_b")
+    tensors = [args.pop(n) for n in names]
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    outs = mmkernels.co_attention(*leaves, backend=backend, **args)
+    ref_leaves = [t.detach().double().requires_grad_() for t in tensors]
+    refs = mmkernels.co_attention(*ref_leaves, backend="reference", **args)
+    grads = [torch.randn_like(o) for o in outs]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r.float(), atol=3e-5, rtol=1e-4)
+    got = torch.autograd.grad(outs, leaves, grads)
+    want = torch.autograd.grad(refs, ref_leaves, [g.double() for g in grads])
+    for a, r in zip(got, want):
         torch.testing.assert_close(a, r.float(), atol=3e-5, rtol=1e-4)
 
 

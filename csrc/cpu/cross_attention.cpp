@@ -268,6 +268,16 @@ void visible_sum(bool transposed, const QueryBlock& blk, const Visibility& V, in
   }
 }
 
+// Scores times the scale, after the product (as the composite softmax((q k^T) * scale) computes
+// them: scaling q first rounds every element of it once more).
+template <typename T>
+void scale_tile(T* st, int64_t n, int64_t ld, int64_t rows, T scale) {
+  using VT = Vec<T>;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t r = 0; r < rows; r += VT::size()) (VT::loadu(st + t * ld + r) * VT(scale)).store(st + t * ld + r);
+  }
+}
+
 // One online-softmax step over a key-major tile (n keys x the block's rows, ld): st becomes
 // exp(st - m_new) with m_new the running max of each row, l and m are updated, and the returned
 // corrections exp(m_old - m_new) are what each row's output must be multiplied by.
@@ -356,7 +366,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t r = 0; r < rows; ++r) stats.no_key(row0 + r);
       return;
     }
-    cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, static_cast<acc_t>(scale), S.qt.data());
+    cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, acc_t(1), S.qt.data());
     std::fill(S.o.begin(), S.o.begin() + rp * Dp, acc_t(0));
     std::fill(S.m.begin(), S.m.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(S.l.begin(), S.l.end(), acc_t(0));
@@ -366,7 +376,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int kind = blk.tile_kind(V, j0, j0 + n);
       if (kind == 0) continue;
       const auto [kt, ldk] = tile_rows(K, b, hk, j0, n, D, Dp, S.kbuf.data());
-      cpu::gemm<acc_t, false>(n, rp, Dp, kt, ldk, 1, S.qt.data(), Dp * P, P, S.st.data(), Rp);  // S^T = K (scale Q)^T
+      cpu::gemm<acc_t, false>(n, rp, Dp, kt, ldk, 1, S.qt.data(), Dp * P, P, S.st.data(), Rp);  // S^T = K Q^T
+      scale_tile(S.st.data(), n, Rp, rp, static_cast<acc_t>(scale));
       if (kind == 2) {
         hide_scores(blk, V, j0, n, S.st.data(), Rp, S.seen.data());
       } else {
@@ -433,8 +444,16 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t work = 5 * B * Hq * Lq * Lk * Dp;  // the backward's five products, every key: an upper bound
   cpu::for_each_task(B * Hkv, make, [&](int64_t task, Scratch& S) {
     const int64_t b = task / Hkv, hk = task % Hkv;
-    S.dk.assign(Lk * Dp, acc_t(0));
-    S.dv.assign(Lk * Dp, acc_t(0));
+    // dK and dV accumulate only over the keys some query of batch b sees, [k_first, k_last):
+    // ranges that show each row a few keys keep the scratch to those keys, not to Lk.
+    int64_t k_first = Lk, k_last = 0;
+    for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
+      const QueryBlock blk(V, b, i0, std::min(kBlockQ, Lq - i0));
+      if (blk.last > blk.first) k_first = std::min(k_first, blk.first), k_last = std::max(k_last, blk.last);
+    }
+    const int64_t keys = std::max<int64_t>(k_last - k_first, 0);
+    S.dk.assign(keys * Dp, acc_t(0));
+    S.dv.assign(keys * Dp, acc_t(0));
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
         const int64_t rows = std::min(kBlockQ, Lq - i0), rp = round_up(rows, P);
@@ -443,10 +462,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           dQ.zero(b, h, i0, i0 + rows, D);
           continue;
         }
-        const acc_t sc = static_cast<acc_t>(scale);
-        cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, sc, S.qt.data());
+        cpu::pack_panels(Q.row(b, h, i0), Q.sl, rows, D, Dp, acc_t(1), S.qt.data());
         cpu::pack_panels(dO.row(b, h, i0), dO.sl, rows, D, Dp, acc_t(1), S.dot.data());
-        cpu::pack_rows(Q.row(b, h, i0), Q.sl, rows, D, sc, S.qrow.data(), Dp);
+        cpu::pack_rows(Q.row(b, h, i0), Q.sl, rows, D, acc_t(1), S.qrow.data(), Dp);
         cpu::pack_rows(dO.row(b, h, i0), dO.sl, rows, D, acc_t(1), S.dorow.data(), Dp);
         const int64_t row0 = (b * Hq + h) * Lq + i0;
         for (int64_t r = 0; r < rp; ++r) {
@@ -472,7 +490,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           if (kind == 0) continue;
           const auto [kt, ldk] = tile_rows(K, b, hk, j0, n, D, Dp, S.kbuf.data());
           const auto [vt, ldv] = tile_rows(Vv, b, hk, j0, n, D, Dp, S.vbuf.data());
-          cpu::gemm<acc_t, false>(n, rp, Dp, kt, ldk, 1, S.qt.data(), Dp * P, P, S.pt.data(), Rp);    // S^T
+          cpu::gemm<acc_t, false>(n, rp, Dp, kt, ldk, 1, S.qt.data(), Dp * P, P, S.pt.data(), Rp);    // S^T = K Q^T
+          scale_tile(S.pt.data(), n, Rp, rp, static_cast<acc_t>(scale));
           cpu::gemm<acc_t, false>(n, rp, Dp, vt, ldv, 1, S.dot.data(), Dp * P, P, S.dst.data(), Rp);  // dP^T = V dO^T
           if (kind == 2) hide_scores(blk, V, j0, n, S.pt.data(), Rp, S.seen.data());
           for (int64_t t = 0; t < n; ++t) {
@@ -505,23 +524,27 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           // hidden entries dS ignores.
           if (kind == 2 && !(rows_finite && all_finite(kt, n, Dp, ldk))) {
             visible_sum(false, blk, V, j0, n, S.dst.data(), Rp, kt, ldk, S.dq.data(), Dp, Dp);
-            visible_sum(true, blk, V, j0, n, S.pt.data(), Rp, S.dorow.data(), Dp, S.dv.data() + j0 * Dp, Dp, Dp);
-            visible_sum(true, blk, V, j0, n, S.dst.data(), Rp, S.qrow.data(), Dp, S.dk.data() + j0 * Dp, Dp, Dp);
+            visible_sum(true, blk, V, j0, n, S.pt.data(), Rp, S.dorow.data(), Dp, S.dv.data() + (j0 - k_first) * Dp, Dp, Dp);
+            visible_sum(true, blk, V, j0, n, S.dst.data(), Rp, S.qrow.data(), Dp, S.dk.data() + (j0 - k_first) * Dp, Dp, Dp);
           } else {
             cpu::gemm<acc_t, true>(rows, Dp, n, S.dst.data(), 1, Rp, kt, P, ldk, S.dq.data(), Dp);  // dQ += dS K
-            cpu::gemm<acc_t, true>(n, Dp, rows, S.pt.data(), Rp, 1, S.dorow.data(), P, Dp, S.dv.data() + j0 * Dp,
-                                   Dp);  // dV += P^T dO
-            cpu::gemm<acc_t, true>(n, Dp, rows, S.dst.data(), Rp, 1, S.qrow.data(), P, Dp, S.dk.data() + j0 * Dp,
-                                   Dp);  // dK += dS^T (scale Q)
+            cpu::gemm<acc_t, true>(n, Dp, rows, S.pt.data(), Rp, 1, S.dorow.data(), P, Dp,
+                                   S.dv.data() + (j0 - k_first) * Dp, Dp);  // dV += P^T dO
+            cpu::gemm<acc_t, true>(n, Dp, rows, S.dst.data(), Rp, 1, S.qrow.data(), P, Dp,
+                                   S.dk.data() + (j0 - k_first) * Dp, Dp);  // dK += dS^T Q (scaled at the end)
           }
         }
         for (int64_t r = 0; r < rows; ++r) dQ.store(b, h, i0 + r, S.dq.data() + r * Dp, D, static_cast<acc_t>(scale));
       }
     }
-    for (int64_t j = 0; j < Lk; ++j) {
-      dK.store(b, hk, j, S.dk.data() + j * Dp, D, acc_t(1));
-      dV.store(b, hk, j, S.dv.data() + j * Dp, D, acc_t(1));
+    dK.zero(b, hk, 0, k_first, D);
+    dV.zero(b, hk, 0, k_first, D);
+    for (int64_t j = k_first; j < k_last; ++j) {
+      dK.store(b, hk, j, S.dk.data() + (j - k_first) * Dp, D, static_cast<acc_t>(scale));
+      dV.store(b, hk, j, S.dv.data() + (j - k_first) * Dp, D, acc_t(1));
     }
+    dK.zero(b, hk, std::max(k_last, k_first), Lk, D);
+    dV.zero(b, hk, std::max(k_last, k_first), Lk, D);
   }, work);
 }
 

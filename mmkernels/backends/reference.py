@@ -78,7 +78,7 @@ def visible_keys(q, k, kv_lengths=None, key_padding_mask=None, q_lengths=None, k
 
 
 def _expand_kv(t, heads):
-    return t.repeat_interleave(heads // t.shape[1], dim=1)
+    return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] else t
 
 
 def masked_matmul(w, x, visible):
@@ -104,7 +104,7 @@ def attention_probabilities(q, k, kv_lengths=None, key_padding_mask=None, q_leng
     latter in float64 for float32 and float64 inputs."""
     acc = acc_dtype(q.dtype)
     visible = visible_keys(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal)
-    scores = (scale * q.to(acc) @ _expand_kv(k, q.shape[1]).to(acc).transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    scores = ((q.to(acc) @ _expand_kv(k, q.shape[1]).to(acc).transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
     empty = ~visible.any(-1, keepdim=True)  # no visible key: 0, not NaN; a row whose scores overflow is not empty
     probs = torch.softmax(scores.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
     return probs, visible, softmax_stats(scores, empty.squeeze(-1), q.dtype)
@@ -128,7 +128,18 @@ def _dropped(probs, q, k, dropout_p, seed):
     return probs * keep / (1 - dropout_p)
 
 
+def _empty_stats(q):
+    """The statistics of rows that see no key: +inf (and a log sum of 0)."""
+    shape, dtype = stats_shape(q.dtype, q.shape[:3])
+    stats = torch.full(shape, float("inf"), dtype=dtype, device=q.device)
+    if len(shape) == 4:
+        stats[..., 1] = 0.0
+    return stats
+
+
 def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend with, or to: zeros
+        return torch.zeros_like(q), _empty_stats(q)
     probs, visible, lse = attention_probabilities(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, scale)
     out = masked_matmul(_dropped(probs, q, k, dropout_p, seed), _expand_kv(v, q.shape[1]).to(probs.dtype), visible)
     return torch.empty_like(q).copy_(out), lse.contiguous()
@@ -145,6 +156,8 @@ def cross_attention_backward(grad_out, q, k, v, out, lse, kv_lengths, key_paddin
     """With P the probabilities and Z = P * keep / (1 - p) what multiplied V: dV = Z^T dO,
     dZ = dO V^T, dP = dZ * keep / (1 - p), dS = P * (dP - rowsum(P * dP)), dQ = scale dS K,
     dK = scale dS^T Q; GQA sums the grads of the heads that share k/v. Hidden pairs take no part."""
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     acc = acc_dtype(q.dtype)
     probs, visible, _ = attention_probabilities(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, scale)
     do = grad_out.to(acc)

@@ -327,13 +327,17 @@ class CrossModalAttention(nn.Module):
             args["key_padding_mask"] = hidden if kpm is None else kpm | hidden
         return dict(args, kv_start=start, kv_end=end), None
 
-    def merge_masks(self, attn_mask, key_padding_mask, query):
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
         """nn.MultiheadAttention.merge_masks: torch's TransformerEncoderLayer fast path (eval,
         no grad, batch_first) calls it, then runs its own fused kernel on this layer's weights.
         Returns (mask, mask_type): (None, None); (key_padding_mask, 1); or the attn_mask as
-        (B, H, L, L), plus the key padding, (…, 2)."""
+        (B, H, L, L), plus the key padding, (…, 2). Annotated: TorchScript compiles it inside a
+        scripted encoder layer."""
         if attn_mask is None:
-            return (key_padding_mask, 1) if key_padding_mask is not None else (None, None)
+            if key_padding_mask is None:
+                return None, None
+            return key_padding_mask, 1
         B, L, _ = query.shape
         if attn_mask.dim() == 3:
             merged = attn_mask.view(B, -1, L, L)

@@ -72,7 +72,7 @@ def check_tensor_list(name: str, tensors) -> tuple:
 
 
 def check_last_dim_contiguous(name: str, t):
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:  # an empty tensor has no layout to keep
         fail(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(t.stride())}; "
              "a transposed view such as x.transpose(1, 2) is fine, a transposed last dim is not")
 
