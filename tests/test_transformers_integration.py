@@ -222,3 +222,24 @@ def test_patch_include_can_leave_the_attention_implementation_alone():
     report = mmkernels.patch(wrapper)
     assert sdpa.config._attn_implementation == mmt.NAME and "MllamaForCausalLM: attn_implementation" in str(report)
     assert mmkernels.unpatch(wrapper) == 1 and sdpa.config._attn_implementation == "sdpa"
+
+
+def test_llama_left_padded_batch_in_inference_mode(calls):
+    """Serving: a left-padded batch under torch.inference_mode(), whose masks are inference
+    tensors (no version counter for the mask cache to key on); logits equal sdpa's on every
+    position a real token holds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    sdpa, ours = pair(LlamaForCausalLM, config)
+    ids = torch.randint(3, 96, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4], mask[2, :1] = 0, 0
+    for _ in range(2):  # the second call may be served from the mask cache
+        with torch.inference_mode():
+            expected = sdpa(input_ids=ids, attention_mask=mask).logits
+            got = ours(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert calls["fused"]
