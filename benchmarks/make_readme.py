@@ -11,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SUPPORT_START, SUPPORT_END = "<!-- support:start -->", "<!-- support:end -->"
 PROFILE_START, PROFILE_END = "<!-- profile:start -->", "<!-- profile:end -->"
+EFFICIENCY_START, EFFICIENCY_END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
+EFFICIENCY_JSON = os.path.join(ROOT, "benchmarks", "results", "efficiency.json")
 PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
 
 
@@ -106,6 +108,39 @@ def profile_section():
     return "\n".join(out).strip() or "No profile committed yet."
 
 
+def efficiency_section():
+    """tools/compile_gpu.py --efficiency --cuda --json benchmarks/results/efficiency.json: the
+    kernels compiled for sm_90 and sm_80 without a GPU, float16 rows (bfloat16's are in the JSON)."""
+    import json
+
+    if not os.path.exists(EFFICIENCY_JSON):
+        return "No efficiency table committed yet."
+    with open(EFFICIENCY_JSON) as f:
+        rows = json.load(f)
+    first = rows[0]
+    out = [f"Compiled by `tools/compile_gpu.py --efficiency --cuda` (Triton {first.get('triton')}, its bundled ptxas; nvcc "
+           f"for the CUDA C++ rows) on commit {first.get('commit')}, no GPU: "
+           f"[json]({os.path.relpath(EFFICIENCY_JSON, ROOT)}), which also holds the bfloat16 rows. "
+           "flop/instr = tensor-core FLOPs per issued instruction of the main loop, from the SASS; "
+           "vs tutorial = that over the same measure of Triton's tutorial fused attention compiled the same way "
+           "(its forward for fwd, its backward for dQ and dK/dV). These are compiler proxies, not speed.\n",
+           "| target | backend | kernel | variant | hd | tile | warps/stages | regs | spill B | smem B | warps/SM | async loads | MMA | flop/instr | vs tutorial |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("dtype") != "float16":
+            continue
+        name = "tutorial" if r.get("anchor") else r.get("backend", "triton")
+        if "block_m" not in r:
+            out.append(f"| {r['target']} | {name} | {r['kernel']} | {r['variant']} | {r['head_dim']} | {r['verdict']} |" + " |" * 9)
+            continue
+        ratio = f"{r['vs_anchor']:.2f}x" if r.get("vs_anchor") else "-"
+        out.append(f"| {r['target']} | {name} | {r['kernel']} | {r['variant']} | {r['head_dim']} | {r['block_m']}x{r['block_n']} | "
+                   f"{r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                   f"{r['warps_per_sm'] or '-'} | {'yes' if r['async_loads'] else 'no'} | {r['mma'] or '-'} | "
+                   f"{r['flop_per_instr']:.0f} | {ratio} |")
+    return "\n".join(out)
+
+
 def main():
     paths = sorted((p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.csv"))
                     if not os.path.basename(p).startswith("profile-")), key=lambda p: (p.endswith("-load.csv"), p))
@@ -116,6 +151,7 @@ def main():
     new = replace_between(readme, START, END, body)
     new = replace_between(new, SUPPORT_START, SUPPORT_END, support_section())
     new = replace_between(new, PROFILE_START, PROFILE_END, profile_section())
+    new = replace_between(new, EFFICIENCY_START, EFFICIENCY_END, efficiency_section())
     with open(readme_path, "w") as f:
         f.write(new)
 

@@ -134,7 +134,7 @@ def _cell(c: Capability | None, gpu: bool) -> str:
     if c.head_dims is not None:
         parts.append(f"head dims {head_dims_text(c.head_dims)}")
     if c.fits is not None:
-        parts.append("on a GPU only the head dims whose tiles fit without spilling")
+        parts.append("on a GPU only where its tiles fit the GPU (shared memory, registers)")
     if c.max_modalities is not None:
         parts.append(f"≤ {c.max_modalities} modalities")
     if c.aligned_rows:

@@ -39,7 +39,7 @@ def runs_on(capability: tuple[int, int], archs=BUILT_ARCHS) -> str | None:
 
 def _index(device: torch.device) -> int | None:
     """The GPU a cuda Problem is on, or None where there is none to ask: a Problem can name cuda
-    on a machine without a driver (the support table, explain), and asking would raise."""
+    on a machine without a driver (the support table, available_backends("cuda")), and asking would raise."""
     if not torch.cuda.is_available():
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
