@@ -1,10 +1,11 @@
-"""One benchmark = one case x one provider: correctness is checked once against the first
-provider (the eager composite, or the stock model) before anything is timed (a fast wrong answer fails), then pytest-benchmark times it.
+"""One benchmark = one case x one provider: correctness (the forward, and for fwd+bwd cases the
+gradients) is checked once against the first provider (the eager composite, or the stock model)
+before anything is timed (a fast wrong answer fails), then pytest-benchmark times it.
 Under --benchmark-disable (CI) each case runs once, as a smoke test."""
 import pytest
 import torch
 
-from mmkernels.bench.runner import TOLERANCE, timed_call
+from mmkernels.bench.runner import check, oracle_answers, timed_call
 
 
 def run(benchmark, case, provider_name, device, dtype, providers):
@@ -14,13 +15,10 @@ def run(benchmark, case, provider_name, device, dtype, providers):
     if provider_name not in provs:
         pytest.skip(f"{provider_name} does not run on {device.type} here")
     inputs = case.inputs(device, dtype)
-    got = provs[provider_name](*inputs)
-    if got is None:
+    verdict = check(case, provs[provider_name], inputs, dtype, oracle_answers(case, provs, inputs))
+    if verdict.startswith("n/a"):
         pytest.skip(f"{provider_name} does not take these inputs")
-    if getattr(case, "comparable", True):  # False: random by design (dropout); tests compare it without
-        expected = torch.nan_to_num(next(iter(provs.values()))(*inputs).float())  # the oracle: the first provider
-        err = (torch.nan_to_num(got.float()) - expected).abs().max().item() if got.numel() else 0.0
-        assert err <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), f"{provider_name}: max error {err:.3g}"
+    assert not verdict, f"{provider_name}: {verdict}"
     fn = timed_call(case, provs[provider_name], inputs)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -23,7 +23,22 @@ def ratio_cell(ratio: float) -> str:
     return speedup_text(ratio).strip().removesuffix(" faster")
 
 
+def memory_table(cases) -> list[str]:
+    """The cases measured for peak memory only (one call each, not timed): MiB per provider."""
+    if not cases:
+        return []
+    providers = list(dict.fromkeys(r["provider"] for _, _, _, rs in cases for r in rs if r["peak_mib"]))
+    out = ["", "Peak memory of one call, in MiB above the resident set before it (these cases are not timed):", "",
+           "| case | " + " | ".join(providers) + " |", "|---|" + "---|" * len(providers)]
+    for op, mode, shape, rs in cases:
+        by = {r["provider"]: r["peak_mib"] or "-" for r in rs}
+        out.append(f"| {op} {mode} {shape} | " + " | ".join(by.get(p, "-") for p in providers) + " |")
+    return out
+
+
 def section(path):
+    from mmkernels.bench.runner import MEMORY_ONLY
+
     with open(path) as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -41,7 +56,7 @@ def section(path):
            "TFLOP/s count only unpadded keys.\n",
            "| case | lengths | mmkernels ms | " + " | ".join(f"vs {p}" for p in peers) + " | peak MiB (ours / eager) |",
            "|---|---|---|" + "---|" * len(peers) + "---|"]
-    notes = []
+    notes, memory_cases = [], []
     for (op, mode, shape, lengths), rs in cases.items():
         by = {r["provider"]: r for r in rs}
         mask, by_lengths = by.get("mmkernels-cpu-mask") or by.get("mmkernels-cuda-mask"), by.get("mmkernels-cpu-lengths") or by.get("mmkernels-cuda-lengths")
@@ -49,6 +64,9 @@ def section(path):
             notes.append(f"{op} {mode} {shape}, right-padded: key_padding_mask {float(mask['time_ms']):.2f} ms, "
                          f"the equal kv_lengths {float(by_lengths['time_ms']):.2f} ms "
                          f"({float(mask['time_ms']) / float(by_lengths['time_ms']):.2f}x the time).")
+        if any(r["note"] == MEMORY_ONLY for r in rs):
+            memory_cases.append((op, mode, shape, rs))
+            continue
         ours = [r for r in rs if r["provider"].startswith("mmkernels") and r["time_ms"]]
         if not ours:
             continue
@@ -61,6 +79,7 @@ def section(path):
         name = f"{op} {mode} {shape} ({best['provider'].removeprefix('mmkernels-')}, {float(best['throughput']):.2f} {best['throughput_unit']})"
         lens = "full" if lengths == "-" else ("ragged" if re.fullmatch(r"[\d/]+", lengths) else lengths)
         out.append(f"| {name} | {lens} | {float(best['time_ms']):.2f} | " + " | ".join(cells) + f" | {best['peak_mib'] or '-'} / {eager_mem} |")
+    out += memory_table(memory_cases)
     base = os.path.splitext(path)[0]
     plots = sorted(p for p in glob.glob(base + "-*.png") if path.endswith("-load.csv") or not p.startswith(base + "-load"))
     out += [""] + notes + [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, ROOT)})" for p in plots]

@@ -89,3 +89,55 @@ def test_profile_command_runs_a_recipe(capsys):
     assert cli.main(["profile", "--recipe", "transformer_decoder", "--size", "tiny", "--no-backward", "--iters", "1"]) == 0
     out = capsys.readouterr().out
     assert "transformer_decoder" in out and ("faster" in out or "slower" in out)
+
+
+class _HalfGradient(torch.autograd.Function):
+    """The identity forward, half the gradient: right forward, wrong backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / 2
+
+
+def test_bench_checks_the_backward_of_fwd_bwd_cases(monkeypatch):
+    """A provider with the right forward and a wrong backward is WRONG, not timed (issue 26)."""
+    from mmkernels.bench import cross_attention as bench_attention
+    from mmkernels.bench.runner import run_case
+
+    real = bench_attention.providers
+    monkeypatch.setattr(bench_attention, "providers", lambda *a: {
+        "eager": real(*a)["eager"], "mmkernels-bad": lambda q, *rest: real(*a)["eager"](_HalfGradient.apply(q), *rest)})
+    case = bench_attention.AttentionCase(1, 2, 8, 16, 8, padded=True, mode="fwd+bwd")
+    eager, bad = run_case(case, torch.device("cpu"), torch.float32)
+    assert eager.time_ms and not eager.note
+    assert bad.time_ms is None and bad.note.startswith("WRONG: gradient of input 0")
+    forward_only = run_case(bench_attention.AttentionCase(1, 2, 8, 16, 8, padded=True, mode="fwd"), torch.device("cpu"),
+                            torch.float32)
+    assert all(r.time_ms and not r.note for r in forward_only)
+
+
+def test_memory_only_cases_report_memory_not_time(monkeypatch, tmp_path):
+    from mmkernels.bench import cross_attention as bench_attention
+    from mmkernels.bench.runner import MEMORY_ONLY, run_case
+
+    real = bench_attention.providers
+    monkeypatch.setattr(bench_attention, "providers", lambda *a: {k: v for k, v in real(*a).items() if k in ("eager", "mmkernels-cpu")})
+    case = bench_attention.AttentionCase(1, 2, 64, 64, 16, padded=False, mode="fwd+bwd", memory_only=True)
+    results = run_case(case, torch.device("cpu"), torch.float32)
+    assert [r.note for r in results] == [MEMORY_ONLY] * 2 and all(r.time_ms is None for r in results)
+    text = report.format_case(results, torch.float32, {"TFLOP/s": 1.0, "GB/s": 1.0})
+    assert "peak memory (one call)" in text and all(line.split()[1] == "-" for line in text.splitlines()[3:])
+    rows = list(report.csv_rows(results, torch.device("cpu"), torch.float32, {"TFLOP/s": 1.0, "GB/s": 1.0}))
+    assert all(r["time_ms"] == "" and r["note"] == MEMORY_ONLY for r in rows)
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("make_readme", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "make_readme.py"))
+    make_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_readme)
+    readme = make_readme.section(report.write_csv(str(tmp_path / "cpu-float32.csv"), rows))
+    assert f"| cross_attention fwd+bwd {case.shape} | {rows[0]['peak_mib']} | {rows[1]['peak_mib']} |" in readme

@@ -47,6 +47,16 @@ def format_case(results, dtype, peaks):
     what = "peak memory (one call)" if case.memory_only else "median time"
     lines = [f"\n{case.op} {case.mode} {case.shape} {dtype} lengths={results[0].lengths}  [{what}]"]
     lines.append(f"  {'provider':<18}{'ms':>10}{unit:>10}{'% peak':>8}{'peak MiB':>10}  mmkernels speed-up / memory ratio")
+    if case.memory_only:  # one call each, not timed: peak memory and its ratio only
+        measured = [r for r in results if r.peak_mib is not None]
+        ours = min((r for r in measured if r.provider.startswith("mmkernels")), key=lambda r: r.peak_mib, default=None)
+        for r in results:
+            if r.peak_mib is None:
+                lines.append(f"  {r.provider:<18}{r.note}")
+                continue
+            ratio = f"memory {ours.peak_mib / r.peak_mib:6.1%} of this" if ours is not None and r is not ours and r.peak_mib else ""
+            lines.append(f"  {r.provider:<18}{'-':>10}{'-':>10}{'-':>8}{r.peak_mib:>10.1f}  {ratio}")
+        return "\n".join(lines)
     for r in results:
         if r.time_ms is None:
             lines.append(f"  {r.provider:<18}{r.note}")
