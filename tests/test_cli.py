@@ -85,6 +85,19 @@ def test_bench_save_merges_by_case(tiny_suite, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "cpu-float32.csv").exists()
 
 
+def test_bench_save_drops_rows_of_another_machine(tmp_path, capsys):
+    """A CSV names one machine in the README; a run elsewhere replaces it rather than mixing in."""
+    path = str(tmp_path / "cpu-float32.csv")
+    row = dict.fromkeys(report.FIELDS, "")
+    row.update(dtype="float32", op="linear_fusion", mode="fwd", shape="s", lengths="-", provider="eager", time_ms="1.0")
+    report.write_csv(path, [dict(row, device="Old CPU"), dict(row, device="Old CPU", shape="only measured there")])
+    report.merge_csv(path, [dict(row, device="New CPU", time_ms="2.0")])
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["device"], r["shape"], r["time_ms"]) for r in rows] == [("New CPU", "s", "2.0")]
+    assert "dropping the rows measured on Old CPU" in capsys.readouterr().out
+
+
 def test_profile_command_runs_a_recipe(capsys):
     assert cli.main(["profile", "--recipe", "transformer_decoder", "--size", "tiny", "--no-backward", "--iters", "1"]) == 0
     out = capsys.readouterr().out

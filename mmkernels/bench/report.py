@@ -105,12 +105,18 @@ def _case_key(row) -> tuple:
 
 def merge_csv(path, rows) -> str:
     """Writes rows into the CSV at path case by case: a case measured again replaces its old rows
-    where they stood, the other cases stay, new cases are appended."""
+    where they stood, the other cases stay, new cases are appended. Rows measured on another
+    machine are dropped, not merged: one CSV, one machine, as the README names it."""
     rows = list(rows)
     old = []
     if os.path.exists(path):
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
+    devices = {r["device"] for r in rows}
+    others = sorted({r["device"] for r in old} - devices)
+    if others:
+        print(f"{path}: dropping the rows measured on {', '.join(others)} (this run is on {', '.join(sorted(devices))})")
+        old = [r for r in old if r["device"] in devices]
     new_by_case = {}
     for r in rows:
         new_by_case.setdefault(_case_key(r), []).append(r)
