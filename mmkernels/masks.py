@@ -133,12 +133,18 @@ class RangeCache:
 
     @staticmethod
     def _key(mask, batch, q_len, kv_len, bool_true_means):
-        version = None if mask.is_inference() else mask._version  # inference tensors have no version counter
         return (mask.untyped_storage().data_ptr(), mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()),
-                mask.dtype, mask.device, version, batch, q_len, kv_len, bool_true_means)
+                mask.dtype, mask.device, mask._version, batch, q_len, kv_len, bool_true_means)
 
     # Devices whose masks are decided afresh every call: reading them needs no sync.
     decide_every_call_on = ("cpu",)
+
+    def _uncached(self, mask) -> bool:
+        """Decided afresh every call: masks whose reading needs no sync, and inference tensors,
+        which have no version counter, so an ordinary in-place refill of a reused buffer could
+        not be told from the mask the decision was made for (and on a GPU the device assert
+        that catches a changed structure would end the process's CUDA context)."""
+        return mask.device.type in self.decide_every_call_on or mask.is_inference()
 
     def __call__(self, mask, batch, q_len, kv_len, *, bool_true_means):
         if torch.compiler.is_compiling():
@@ -146,34 +152,38 @@ class RangeCache:
             return None, "masks are not converted to ranges inside torch.compile"
         convert = lambda holes=None: to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means,
                                                decided_holes=holes)
-        if mask.device.type in self.decide_every_call_on:
+        if self._uncached(mask):
             return convert()
-        hit = self._decided(self._key(mask, batch, q_len, kv_len, bool_true_means), mask)
+        key = self._key(mask, batch, q_len, kv_len, bool_true_means)
+        hit = self._decided(key, mask)
         if hit is None:
-            return self._store(self._key(mask, batch, q_len, kv_len, bool_true_means), mask, convert())
-        ranges, why = hit
-        return (None, why) if ranges is None else convert(ranges[2] is not None)  # this call's values, no sync
+            ranges, why = convert()
+            self._store(key, mask, (None if ranges is None else ranges[2] is not None, why))  # the decision, no tensors
+            return ranges, why
+        holes, why = hit
+        return (None, why) if holes is None else convert(holes)  # this call's values, no sync
 
     def visible(self, mask, *, bool_true_means):
         """visible_keys(mask), cached: for a float mask, deciding that it is only 0 and -inf
         costs a host sync."""
-        if mask.dtype == torch.bool or mask.device.type in self.decide_every_call_on:
+        if mask.dtype == torch.bool or self._uncached(mask):
             return visible_keys(mask, bool_true_means=bool_true_means)
         key = ("visible", *self._key(mask, 0, 0, 0, bool_true_means))
         hit = self._decided(key, mask)
         if hit is None:
-            return self._store(key, mask, (visible_keys(mask, bool_true_means=bool_true_means),))[0]
-        return None if hit[0] is None else _visible_async(mask, bool_true_means)
+            visible = visible_keys(mask, bool_true_means=bool_true_means)
+            self._store(key, mask, (visible is not None,))
+            return visible
+        return _visible_async(mask, bool_true_means) if hit[0] else None
 
     def _decided(self, key, mask):
         hit = self._entries.get(key)
         return hit[1] if hit is not None and hit[0]() is mask else None
 
-    def _store(self, key, mask, result):
-        self._entries[key] = (weakref.ref(mask), result)
+    def _store(self, key, mask, decision):
+        self._entries[key] = (weakref.ref(mask), decision)
         while len(self._entries) > self.size:
             self._entries.pop(next(iter(self._entries)))
-        return result
 
 
 # One cache for every layer of the process: a model's layers share their masks, so each mask is

@@ -397,6 +397,29 @@ def test_layers_run_in_inference_mode_with_masks_made_inside_it(kind, decided, m
     assert ours.last_fallback is None
 
 
+def test_a_reused_inference_mode_mask_buffer_refilled_in_place_is_decided_afresh(monkeypatch):
+    """Serving loops refill one preallocated mask with copy_: an inference tensor bumps no version
+    counter, so a cached decision could not see the refill, and on a GPU the device assert that
+    catches a changed structure would end the CUDA context. Inference masks are never cached.
+    (cuda-like: the cached-decision path, forced on the CPU.)"""
+    import mmkernels.masks as masks
+
+    monkeypatch.setattr(masks.SHARED, "decide_every_call_on", ())
+    monkeypatch.setattr(masks.SHARED, "_entries", {})
+    stock, ours = mha_pair(True, None, True)
+    q, k, v = inputs(True, None)
+    with torch.inference_mode():
+        buffer = torch.zeros(5, 7, dtype=torch.bool)
+        spans = torch.ones(5, 7, dtype=torch.bool).triu(3)  # one span of keys per row
+        holes = spans.clone()
+        holes[:, 1] = True  # a hole in every row: not ranges
+        for mask in (spans, holes, spans):
+            buffer.copy_(mask)
+            torch.testing.assert_close(ours(q, k, v, attn_mask=buffer)[0], stock(q, k, v, attn_mask=buffer)[0],
+                                       atol=1e-5, rtol=1e-4)
+    assert not masks.SHARED._entries
+
+
 def test_torchscript_kv_lengths_in_sequence_first_layout():
     attn = CrossModalAttention(E, H, kdim=16, vdim=16).eval()  # (L, B, E) inputs
     scripted = torch.jit.script(attn)
