@@ -127,11 +127,29 @@ def test_cuda_attention_refused_where_the_gpu_has_too_little_shared_memory(monke
     from mmkernels.backends.base import Problem
 
     p = Problem("cross_attention", torch.device("cuda", 0), torch.float16, head_dim=128)
-    monkeypatch.setattr(native, "_index", lambda device: 0)  # as on a machine with a GPU
+    monkeypatch.setattr(native, "gpu_index", lambda device: 0)  # as on a machine with a GPU
     monkeypatch.setattr(native, "_shared_optin", lambda index: 48 * 1024)
     assert "shared memory" in native.attention_fits(p)
     monkeypatch.setattr(native, "_shared_optin", lambda index: budgets.SMALLEST_SM80_SHARED)
     assert native.attention_fits(p) is None
+
+
+def test_triton_attention_refused_where_the_gpu_has_too_little_shared_memory(monkeypatch):
+    """A 9.x-or-newer GPU with less shared memory per block than an H100 reads the sm_90 column,
+    whose hd128 forward shapes need more than 101,376 B: refused with the reason (auto moves on)
+    rather than an autotuner left with no config at launch."""
+    from mmkernels.backends import triton as triton_backend
+    from mmkernels.backends.base import Problem
+
+    p = Problem("cross_attention", torch.device("cuda", 0), torch.float16, head_dim=128)
+    monkeypatch.setattr(triton_backend, "gpu_index", lambda device: 0)  # as on a machine with a GPU
+    for target, shared, refused in (("sm_90", 232_448, False), ("sm_90", budgets.SMALLEST_SM80_SHARED, True),
+                                    ("sm_80", budgets.SMALLEST_SM80_SHARED, False)):
+        monkeypatch.setattr(triton_backend, "_gpu_target", lambda index, t=target, s=shared: (t, s))
+        why = triton_backend.attention_fits(p)
+        assert (why is not None) == refused, (target, shared, why)
+        if refused:
+            assert f"fits the {shared} B of shared memory a block may use on this GPU" in why
 
 
 @pytest.mark.parametrize("capability, runs", [((7, 5), False), ((8, 0), True), ((8, 6), True), ((8, 9), True),

@@ -22,6 +22,15 @@ def stats_shape(dtype: torch.dtype, rows: tuple) -> tuple:
     return tuple(rows), torch.float32
 
 
+def gpu_index(device: torch.device) -> int | None:
+    """The GPU a cuda Problem is on, or None where there is none to ask: a Problem can name cuda
+    on a machine without a driver (the support table, available_backends("cuda")), and asking
+    would raise."""
+    if not torch.cuda.is_available():
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @dataclass(frozen=True)
 class Problem:
     """The facts about one call that decide which backends can run it (mmkernels/spec.py

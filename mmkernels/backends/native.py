@@ -5,7 +5,7 @@ import functools
 import torch
 
 from mmkernels import _C
-from mmkernels.backends.base import Problem, co_attention_backward_by_two_calls, co_attention_by_two_calls
+from mmkernels.backends.base import Problem, co_attention_backward_by_two_calls, co_attention_by_two_calls, gpu_index
 
 _native = torch.ops.mmkernels
 
@@ -37,14 +37,6 @@ def runs_on(capability: tuple[int, int], archs=BUILT_ARCHS) -> str | None:
     return f"this build has code for sm_{', sm_'.join(map(str, archs))} (MMKERNELS_CUDA_ARCHS), none of it runs on sm_{cc}"
 
 
-def _index(device: torch.device) -> int | None:
-    """The GPU a cuda Problem is on, or None where there is none to ask: a Problem can name cuda
-    on a machine without a driver (the support table, available_backends("cuda")), and asking would raise."""
-    if not torch.cuda.is_available():
-        return None
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @functools.lru_cache(maxsize=None)
 def _device_reason(index: int | None) -> str | None:
     return None if index is None else runs_on(torch.cuda.get_device_capability(index))
@@ -55,7 +47,7 @@ def cuda_rules(p: Problem, explicit: bool) -> list[str]:
         return ["this build of mmkernels has no CUDA kernels (built without nvcc or a CUDA torch)"]
     if p.device.type != "cuda":
         return [f"runs on cuda tensors, got {p.device.type}"]
-    why = _device_reason(_index(p.device))
+    why = _device_reason(gpu_index(p.device))
     return [why] if why else []
 
 
@@ -69,7 +61,7 @@ def attention_fits(p: Problem) -> str | None:
     within what one block may use on this GPU: sm_86 and sm_89 allow less than sm_80 and sm_90."""
     from mmkernels.limits import CUDA_ATTENTION_TILES
 
-    if p.device.type != "cuda" or p.head_dim not in CUDA_ATTENTION_TILES["fwd"] or (index := _index(p.device)) is None:
+    if p.device.type != "cuda" or p.head_dim not in CUDA_ATTENTION_TILES["fwd"] or (index := gpu_index(p.device)) is None:
         return None
     needed = max(CUDA_ATTENTION_TILES[k][p.head_dim]["shared_bytes"] for k in CUDA_ATTENTION_TILES)
     allowed = _shared_optin(index)

@@ -24,11 +24,12 @@ def _target(device) -> tuple[str, int]:
     """(table column, shared-memory opt-in limit) of the GPU the kernel is compiled for."""
     if budgets.TARGET is not None:  # tools/compile_gpu.py, compiling for a named target
         return budgets.TARGET, budgets.TARGETS[budgets.TARGET]["max_shared"]
-    props = torch.cuda.get_device_properties(device)
-    target = budgets.target_of((props.major, props.minor))
+    from mmkernels.backends.triton import _gpu_target
+
+    target, max_shared = _gpu_target(device.index if device.index is not None else torch.cuda.current_device())
     if target is None:
-        raise RuntimeError(f"the triton attention kernels need sm_80 or newer, got sm_{props.major}{props.minor}")
-    return target, props.shared_memory_per_block_optin
+        raise RuntimeError(f"the triton attention kernels need sm_80 or newer, got {torch.cuda.get_device_capability(device)}")
+    return target, max_shared
 
 
 def attention_autotune(kernel: str, key):
