@@ -96,6 +96,9 @@ def test_bench_save_drops_rows_of_another_machine(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [(r["device"], r["shape"], r["time_ms"]) for r in rows] == [("New CPU", "s", "2.0")]
     assert "dropping the rows measured on Old CPU" in capsys.readouterr().out
+    report.merge_csv(path, [])  # nothing measured: the CSV stays
+    with open(path) as f:
+        assert len(list(csv.DictReader(f))) == 1
 
 
 def test_profile_command_runs_a_recipe(capsys):

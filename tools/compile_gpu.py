@@ -285,7 +285,14 @@ def measure_candidates(plan, targets, part=None) -> dict:
     at one head dim is not compiled at a larger one of the same kernel, dtype, variant and target:
     both only grow with the head dim, and ptxas takes minutes over a spilling kernel. A part
     (index, count) measures whole variants, so this knowledge stays in one process."""
-    budgets.CANDIDATES = True
+    saved, budgets.CANDIDATES = budgets.CANDIDATES, True
+    try:
+        return _measure(plan, targets, part)
+    finally:
+        budgets.CANDIDATES = saved
+
+
+def _measure(plan, targets, part) -> dict:
     # bfloat16 takes float16's shapes (the same kernels but for how P is rounded); the quick gate
     # compiles bfloat16 at them and fails if one no longer fits.
     dtypes = [d for d in plan["dtypes"] if d != "bfloat16"]
@@ -308,8 +315,9 @@ def measure_candidates(plan, targets, part=None) -> dict:
                         key[0], shape, key[2], launch.args[0].element_size()) > budgets.TARGETS[target]["max_shared"]:
                     continue
                 row = judge(compile_one(launch, config, target, cache))
-                print(f"  {key} {row.label:<14} {row.shared:>7} B {row.regs:>4} regs {row.local:>5} B local  {row.verdict}",
-                      flush=True)
+                dash = lambda x: "-" if x is None else x
+                print(f"  {key} {row.label:<14} {dash(row.shared):>7} B {dash(row.regs):>4} regs {dash(row.local):>5} B local  "
+                      f"{row.verdict}", flush=True)
                 if row.verdict != "ok":
                     if not row.error:
                         too_big.add((key[0], dtype_name, name, target, shape))
@@ -326,7 +334,6 @@ def measure_candidates(plan, targets, part=None) -> dict:
             table[key] = fitting
             if dtype_name == "float16":
                 table[(key[0], "bfloat16", *key[2:])] = fitting
-    budgets.CANDIDATES = False
     return table
 
 
@@ -362,12 +369,12 @@ def verify_table(table: dict, targets, plan=budgets.QUICK) -> dict:
 
 def _refill(launch, key, target, cache) -> list:
     """The first budgets.KEEP candidates that fit both this call and the worst case of its class."""
-    budgets.CANDIDATES = True
+    saved, budgets.CANDIDATES = budgets.CANDIDATES, True
     try:
         with for_target(target):
             worst = capture(attention_cases([launch.args[0].dtype], [launch.args[0].shape[-1]], {key[3]: TABLE_VARIANTS[key[3]]}))
     finally:
-        budgets.CANDIDATES = False
+        budgets.CANDIDATES = saved
     worst = next(w for w in worst if w.kernel is launch.kernel)
     kept = []
     for config in worst.configs:
@@ -403,7 +410,7 @@ def write_tiles(table):
 def candidates_main(plan, targets, jobs) -> int:
     """Measures the table in `jobs` processes (each a share of the combinations), then writes it."""
     if jobs <= 1:
-        write_tiles(verify_table(measure_candidates(plan, targets), targets))
+        write_tiles(verify_table(measure_candidates(plan, targets), targets, plan))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         procs = [subprocess.Popen([sys.executable, __file__, "--candidates-part", f"{i}/{jobs}", "--json", f"{tmp}/{i}.json",
@@ -415,7 +422,7 @@ def candidates_main(plan, targets, jobs) -> int:
         for i in range(jobs):
             with open(f"{tmp}/{i}.json") as f:
                 table.update({tuple(k): [tuple(s) for s in v] for k, v in json.load(f)})
-    write_tiles(verify_table(table, targets))
+    write_tiles(verify_table(table, targets, plan))
     return 0
 
 
@@ -465,6 +472,8 @@ def anchor_config(configs, target, head_dim):
     (it asserts BLOCK_N <= HEAD_DIM; on sm_90 it drops 8 warps for tiles under 128x128)."""
     m, n, w, st = ANCHOR_FWD[target]
     valid = [c for c in configs if c.kwargs["BLOCK_N"] <= head_dim]
+    if not valid:
+        raise RuntimeError(f"the tutorial keeps no forward config for head dim {head_dim} on {target}")
     return max(valid, key=lambda c: (shape_of(c) == (m, n, w, st), c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
                                      c.kwargs["BLOCK_M"] == m, c.num_warps == w, c.num_stages == st))
 
@@ -667,7 +676,7 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates-part", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     targets = args.targets.split(",")
-    plan = budgets.FULL if args.full or args.candidates or args.candidates_part else budgets.QUICK
+    plan = budgets.FULL if args.full or args.candidates or args.candidates_part else budgets.QUICK  # --verify-table: QUICK unless --full
     start = time.time()
     if args.candidates_part:
         index, count = map(int, args.candidates_part.split("/"))
@@ -678,7 +687,7 @@ def main(argv=None) -> int:
     if args.candidates:
         return candidates_main(plan, targets, args.jobs)
     if args.verify_table:
-        write_tiles(verify_table({k: list(v) for k, v in budgets.ATTENTION_TILES.items()}, targets))
+        write_tiles(verify_table({k: list(v) for k, v in budgets.ATTENTION_TILES.items()}, targets, plan))
         return 0
 
     rows = with_ratios(efficiency_rows(targets, cuda=args.cuda))

@@ -108,6 +108,8 @@ def merge_csv(path, rows) -> str:
     where they stood, the other cases stay, new cases are appended. Rows measured on another
     machine are dropped, not merged: one CSV, one machine, as the README names it."""
     rows = list(rows)
+    if not rows:  # nothing measured (an --op with no case here): the CSV stays as it is
+        return path
     old = []
     if os.path.exists(path):
         with open(path, newline="") as f:
