@@ -71,13 +71,14 @@ def kernel(backend: str, name: str) -> Callable:
     return _on_inputs_device(fn) if backend == "triton" else fn
 
 
-def _first_tensor(args):
+def first_tensor(args):
+    """The first tensor among args, looking inside lists and tuples (co_attention's sides); None if none."""
     import torch
 
     for a in args:
         if isinstance(a, torch.Tensor):
             return a
-        if isinstance(a, (list, tuple)) and (t := _first_tensor(a)) is not None:
+        if isinstance(a, (list, tuple)) and (t := first_tensor(a)) is not None:
             return t
     return None
 
@@ -92,7 +93,7 @@ def _on_inputs_device(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        t = _first_tensor(args)
+        t = first_tensor(args)
         if t is None or t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
             return fn(*args, **kwargs)
         with torch.cuda.device(t.device):

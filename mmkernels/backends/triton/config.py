@@ -9,15 +9,10 @@ import threading
 import torch
 import triton
 
+from mmkernels.backends import first_tensor
 from mmkernels.backends.triton import budgets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _first_tensor(named_args):
-    """The queries (inside the first side's tuple for co_attention)."""
-    flat = (t for a in named_args.values() for t in (a if isinstance(a, tuple) else (a,)))
-    return next(t for t in flat if hasattr(t, "element_size"))
 
 
 def _target(device) -> tuple[str, int]:
@@ -40,7 +35,7 @@ def attention_autotune(kernel: str, key):
     def fitting(configs, named_args, **kwargs):
         if budgets.CANDIDATES:  # tools/compile_gpu.py --candidates: every candidate
             return configs
-        q = _first_tensor(named_args)
+        q = first_tensor(named_args.values())  # the queries (inside the first side's tuple for co_attention)
         target, max_shared = _target(q.device)
         dtype = str(q.dtype).removeprefix("torch.")
         allowed = budgets.fits(kernel, dtype, kwargs["BLOCK_D"], budgets.variant(kwargs), target, max_shared)
