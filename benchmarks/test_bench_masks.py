@@ -13,6 +13,8 @@ MASK_PROVIDERS = ["mmkernels-cpu", "mmkernels-triton", "mmkernels-cuda", "mmkern
                   "eager", "sdpa", "flex"]
 MASK_CASES = [MaskedAttentionCase(2, 8, 2, 64, 256, 64, mask, mode=mode)
               for mask in ("images", "padding") for mode in ("fwd", "fwd+bwd")]
+# Decoding steps (one query row over a full cache, grouped-query heads too): mmkernels.bench.suites.small_call_cases
+DECODE_CASES = [MaskedAttentionCase(2, 8, hkv, 1, 300, 64, "none", mode="fwd") for hkv in (8, 2)]
 
 
 @pytest.mark.parametrize("provider", MASK_PROVIDERS)
@@ -21,6 +23,13 @@ def test_masked_attention(benchmark, case, provider, device, dtype):
     if provider == "flex" and device.type == "cpu" and case.mode == "fwd+bwd":
         pytest.skip("FlexAttention has no backward on the CPU")
     benchmark.group = f"cross_attention {case.mode} {case.shape}"
+    run(benchmark, case, provider, device, dtype, providers_of)
+
+
+@pytest.mark.parametrize("provider", ["mmkernels-cpu", "mmkernels-triton", "mmkernels-cuda", "eager", "sdpa"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"decode-H{c.Hq}/{c.Hkv}")
+def test_decode_attention(benchmark, case, provider, device, dtype):
+    benchmark.group = f"cross_attention decode {case.shape}"
     run(benchmark, case, provider, device, dtype, providers_of)
 
 

@@ -103,6 +103,11 @@ class OpSpec:
         """Whether native_<name> C++ operators exist."""
         return schemas.SCHEMAS[self.name][4]
 
+    @property
+    def lists(self) -> bool:
+        """Whether the forward takes a list of tensors (which an autograd.Function cannot track)."""
+        return "Tensor[]" in schemas.SCHEMAS[self.name][0]
+
 
 def composite_fusion_backends(max_modalities: int | None = None) -> dict[str, Capability]:
     """The table of the GEMM-based fusion ops: C++ on the CPU, ATen composites (cuBLAS GEMMs) on

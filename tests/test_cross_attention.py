@@ -192,3 +192,59 @@ def test_causal_with_unequal_lengths_on_bigger_shapes(backend):
         keep = [[int(j <= i + Lk - Lq) for j in range(Lk)] for i in range(Lq)]
         out = mmkernels.cross_attention(q.float(), k.float(), v.float(), causal=True, backend=backend)
         torch.testing.assert_close(out.double(), attention_by_rows(q, k, v, keep), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8, 8, 1, 64, 64), (2, 32, 8, 1, 300, 128), (1, 4, 1, 3, 1000, 40),
+                                   (3, 6, 2, 4, 257, 16), (1, 1, 1, 1, 5000, 64)], ids=str)
+def test_decoding_rows_match_the_reference(shape, dtype):
+    """Lq <= 4 runs the CPU's decode kernel (query heads of a GQA group stacked as rows; the keys
+    split over threads and merged when the heads cannot fill them, as the last two shapes do):
+    every visibility rule, against the composite."""
+    B, Hq, Hkv, Lq, Lk, D = shape
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=dtype) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    start = torch.randint(0, Lk, (B, Lq), generator=g)
+    rules = [{}, dict(kv_lengths=torch.randint(0, Lk + 1, (B,), generator=g)),
+             dict(q_lengths=torch.randint(0, Lq + 1, (B,), generator=g), kv_start=start,
+                  kv_end=start + torch.randint(0, Lk, (B, Lq), generator=g)),
+             dict(key_padding_mask=torch.rand(B, Lk, generator=g) < 0.3), dict(causal=True)]
+    for rule in rules:
+        got = mmkernels.cross_attention(q, k, v, backend="cpu", **rule)
+        want = mmkernels.cross_attention(q, k, v, backend="reference", **rule)
+        torch.testing.assert_close(got.double(), want.double(), atol={torch.bfloat16: 2e-2}.get(dtype, 1e-5), rtol=0)
+
+
+def test_decoding_hides_non_finite_hidden_keys_and_keeps_the_backward_exact():
+    """A decoding step's hidden keys hold NaN and Inf: nothing of them reaches the output; and its
+    statistics feed the general backward (a sharp softmax needs the forward's scores bit for bit)."""
+    g = torch.Generator().manual_seed(SEED)
+    q = torch.randn(2, 8, 1, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 200, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    lengths = torch.tensor([150, 7])
+    k[:, :, 150:], v[:, :, 150:] = float("nan"), float("inf")
+    for scale in (None, 30.0, 1e30):
+        got = mmkernels.cross_attention(q, k, v, kv_lengths=lengths, scale=scale, backend="cpu")
+        want = mmkernels.cross_attention(q, k, v, kv_lengths=lengths, scale=scale, backend="reference")
+        torch.testing.assert_close(got, want)
+        (dq,) = torch.autograd.grad(got.sum(), q)
+        (dq_ref,) = torch.autograd.grad(want.sum(), q)
+        torch.testing.assert_close(dq, dq_ref, atol=1e-9 * (scale or 1), rtol=1e-7)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp"])
+def test_torch_func_transforms(transform):
+    """torch.func.grad and vjp over the op give autograd's gradients."""
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g, dtype=torch.float64) for n in (5, 9, 9))
+    lengths = torch.tensor([9, 4])
+    f = lambda q, k, v: mmkernels.cross_attention(q, k, v, kv_lengths=lengths).sum()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(f(*leaves), leaves)
+    if transform == "grad":
+        got = torch.func.grad(f, argnums=(0, 1, 2))(q, k, v)
+    else:
+        _, pullback = torch.func.vjp(f, q, k, v)
+        got = pullback(torch.tensor(1.0, dtype=torch.float64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

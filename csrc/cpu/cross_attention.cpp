@@ -416,6 +416,176 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }, work);
 }
 
+// Decoding: a few query rows (Lq <= kDecodeMaxLq) over many keys. The forward kernel puts query
+// rows in the vector lanes, so one row would use a sixteenth of them. Here one task owns a kv head
+// and stacks the query heads of its group (grouped-query attention) and their Lq positions as the
+// rows of one tile, R = group * Lq, and the keys go in the lanes: S = Q K^T is a product of R
+// broadcast rows with a panel-packed K tile, and the softmax runs along each row. Every score is
+// the same sequence of FMAs over D as the forward kernel's, so the statistics the backward reads
+// match to the bit. When B * Hkv tasks cannot keep the threads busy, the keys are split and the
+// partial softmax states (max, sum, unnormalised output) are merged after (flash-decoding).
+constexpr int64_t kDecodeMaxLq = 4;
+
+template <typename T>
+T nan_max(T a, T b) {  // as at::vec::maximum: NaN wins
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+template <typename acc_t>
+struct DecodeState {  // one split's partial softmax state of R rows
+  acc_t *m, *l, *o;   // (R,), (R,), (R, Dp)
+  char* seen;         // (R,)
+};
+
+template <typename scalar_t, bool kPair>
+void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, const Visibility& V, const Dropout& drop, double scale) {
+  using acc_t = acc_type<scalar_t>;
+  using VT = Vec<acc_t>;
+  constexpr int64_t P = kPanel<acc_t>;
+  const int64_t B = V.B, Hq = V.Hq, Lq = V.Lq, Lk = V.Lk, D = q.size(3), Hkv = k.size(1);
+  const int64_t group = Hq / Hkv, R = group * Lq;
+  const int64_t Dp = round_up(std::max<int64_t>(D, 1), cpu::kLanes<acc_t>);
+  const int64_t Np = round_up(kBlockK, P);  // score row width
+  const Rows<scalar_t> Q(q), K(k), Vv(v), O(out);
+  const Stats<kPair> stats{lse.data_ptr<typename Stats<kPair>::T>()};
+  // Split the keys only when the heads leave threads idle and each split keeps whole tiles.
+  const int64_t work = 2 * B * Hq * Lq * Lk * Dp;
+  const int64_t threads = std::clamp<int64_t>(work / cpu::kWorkPerThread, 1, at::get_num_threads());
+  const int64_t tiles = (Lk + kBlockK - 1) / kBlockK;
+  const int64_t splits = B * Hkv >= threads ? 1 : std::min(tiles, (2 * threads + B * Hkv - 1) / (B * Hkv));
+  // rows r = g * Lq + i: query head hk * group + g at position i
+  auto out_row = [&](int64_t b, int64_t hk, int64_t r) { return (b * Hq + hk * group + r / Lq) * Lq + r % Lq; };
+  auto finish = [&](int64_t b, int64_t hk, int64_t r, const DecodeState<acc_t>& st) {
+    const int64_t h = hk * group + r / Lq, i = r % Lq, row = out_row(b, hk, r);
+    if (!st.seen[r]) {  // no visible key (or a padded query): exactly 0
+      O.zero(b, h, i, i + 1, D);
+      stats.no_key(row);
+    } else if (st.l[r] == acc_t(0)) {  // visible keys whose scores all overflowed: NaN
+      O.store(b, h, i, st.o + r * Dp, D, std::numeric_limits<acc_t>::quiet_NaN());
+      stats.overflowed(row);
+    } else {
+      O.store(b, h, i, st.o + r * Dp, D, acc_t(1) / st.l[r]);
+      stats.store(row, static_cast<double>(st.m[r]), std::log(static_cast<double>(st.l[r])));
+    }
+  };
+  // Partial states of every split, (B * Hkv * splits, R, Dp + 2) and seen flags, when split.
+  std::vector<acc_t> parts(splits > 1 ? B * Hkv * splits * R * (Dp + 2) : 0);
+  std::vector<char> parts_seen(splits > 1 ? B * Hkv * splits * R : 0);
+
+  struct Scratch {
+    std::vector<acc_t> qrows, kp, vbuf, s, m, l, o;
+    std::vector<char> seen;
+  };
+  const int64_t tile = std::min(kBlockK, Lk);  // a short cache, small buffers
+  const bool widen = !std::is_same_v<scalar_t, acc_t> || D != Dp;  // tile_rows needs vbuf
+  auto make = [&] {
+    return Scratch{std::vector<acc_t>(R * Dp), std::vector<acc_t>(round_up(tile, P) * Dp),
+                   std::vector<acc_t>(widen ? tile * Dp : 0), std::vector<acc_t>(R * Np),
+                   std::vector<acc_t>(R), std::vector<acc_t>(R), std::vector<acc_t>(R * Dp), std::vector<char>(R)};
+  };
+  cpu::for_each_task(B * Hkv * splits, make, [&](int64_t task, Scratch& S) {
+    const int64_t b = task / (Hkv * splits), hk = (task / splits) % Hkv, split = task % splits;
+    const QueryBlock blk(V, b, 0, Lq);
+    DecodeState<acc_t> st{S.m.data(), S.l.data(), S.o.data(), S.seen.data()};
+    if (splits > 1) {
+      acc_t* base = parts.data() + task * R * (Dp + 2);
+      st = {base, base + R, base + 2 * R, parts_seen.data() + task * R};
+    }
+    std::fill(st.m, st.m + R, -std::numeric_limits<acc_t>::infinity());
+    std::fill(st.l, st.l + R, acc_t(0));
+    std::fill(st.o, st.o + R * Dp, acc_t(0));
+    std::fill(st.seen, st.seen + R, 0);
+    // This split's whole tiles of the rows' union of keys.
+    const int64_t span_tiles = blk.last > blk.first ? (blk.last - blk.first + kBlockK - 1) / kBlockK : 0;
+    const int64_t per = (span_tiles + splits - 1) / splits;
+    const int64_t j_begin = blk.first + split * per * kBlockK;
+    const int64_t j_end = std::min(blk.last, j_begin + per * kBlockK);
+    if (j_begin < j_end) {
+      for (int64_t r = 0; r < R; ++r) {
+        cpu::pack_rows(Q.row(b, hk * group + r / Lq, r % Lq), Q.sl, 1, D, acc_t(1), S.qrows.data() + r * Dp, Dp);
+      }
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
+      const int64_t n = std::min(kBlockK, j_end - j0), np = round_up(n, cpu::kLanes<acc_t>);
+      const int kind = blk.tile_kind(V, j0, j0 + n);
+      if (kind == 0) continue;
+      cpu::pack_panels(K.row(b, hk, j0), K.sl, n, D, Dp, acc_t(1), S.kp.data());
+      cpu::gemm<acc_t, false>(R, np, Dp, S.qrows.data(), Dp, 1, S.kp.data(), Dp * P, P, S.s.data(), Np);  // S = Q K^T
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = r % Lq;
+        acc_t* s = S.s.data() + r * Np;
+        if (!blk.active(i)) continue;
+        at::vec::map([sc = static_cast<acc_t>(scale)](VT x) { return x * VT(sc); }, s, s, n);
+        for (int64_t t = 0; t < n; ++t) {
+          if (kind == 1 || blk.visible(V, i, j0 + t)) {
+            st.seen[r] = 1;
+          } else {
+            s[t] = -std::numeric_limits<acc_t>::infinity();
+          }
+        }
+        // Online softmax along the row, with the forward kernel's rules: NaN wins the max, a row
+        // that has seen only hidden keys keeps m = -inf and exp(s - 0) = 0.
+        const acc_t mx = nan_max(st.m[r], at::vec::reduce_all<acc_t>([](VT a, VT b) { return at::vec::maximum(a, b); }, s, n));
+        const acc_t base = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+        const acc_t sum = cpu::exp_and_sum(s, n, base);
+        const acc_t c = std::exp(st.m[r] - base);
+        st.l[r] = st.l[r] * c + sum;
+        st.m[r] = mx;
+        if (c != acc_t(1)) at::vec::map([c](VT x) { return x * VT(c); }, st.o + r * Dp, st.o + r * Dp, Dp);
+        if (drop.on) drop.apply(s, n, 1, out_row(b, hk, r), j0);
+      }
+      const auto [vt, ldv] = tile_rows(Vv, b, hk, j0, n, D, Dp, S.vbuf.data());
+      if (kind == 2 && !all_finite(vt, n, Dp, ldv)) {  // hidden keys' non-finite values must not meet a 0
+        for (int64_t r = 0; r < R; ++r) {
+          if (!blk.active(r % Lq)) continue;
+          for (int64_t t = 0; t < n; ++t) {
+            if (blk.visible(V, r % Lq, j0 + t)) cpu::axpy(S.s[r * Np + t], vt + t * ldv, st.o + r * Dp, Dp);
+          }
+        }
+      } else {
+        for (int64_t r = 0; r < R; ++r) {  // rows that see nothing here contribute nothing
+          if (!blk.active(r % Lq)) std::fill(S.s.data() + r * Np, S.s.data() + r * Np + n, acc_t(0));
+        }
+        cpu::gemm<acc_t, true>(R, Dp, n, S.s.data(), Np, 1, vt, P, ldv, st.o, Dp);  // O += P V
+      }
+    }
+    if (splits == 1) {
+      for (int64_t r = 0; r < R; ++r) finish(b, hk, r, st);
+    }
+  }, work);
+  if (splits == 1) return;
+  // Merge the splits: m = max of the parts' maxima (NaN wins), l and o rescaled by exp(m_s - m).
+  cpu::for_each_task(B * Hkv, [&] { return std::vector<acc_t>(R * (Dp + 2) + R); }, [&](int64_t bh, std::vector<acc_t>& buf) {
+    const int64_t b = bh / Hkv, hk = bh % Hkv;
+    std::vector<char> seen(R, 0);
+    DecodeState<acc_t> st{buf.data(), buf.data() + R, buf.data() + 2 * R, seen.data()};
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t task = bh * splits + sp;
+        const acc_t ms = parts[task * R * (Dp + 2) + r];
+        seen[r] |= parts_seen[task * R + r];
+        mx = nan_max(mx, ms);
+      }
+      const acc_t base = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+      acc_t l = 0;
+      acc_t* o = st.o + r * Dp;
+      std::fill(o, o + Dp, acc_t(0));
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const acc_t* part = parts.data() + (bh * splits + sp) * R * (Dp + 2);
+        if (!parts_seen[(bh * splits + sp) * R + r]) continue;
+        const acc_t c = std::exp(part[r] - base);
+        l += part[R + r] * c;
+        cpu::axpy(c, part + 2 * R + r * Dp, o, Dp);
+      }
+      st.m[r] = mx;
+      st.l[r] = l;
+    }
+    for (int64_t r = 0; r < R; ++r) finish(b, hk, r, st);
+  }, B * Hkv * R * Dp);
+}
+
 template <typename scalar_t, bool kPair>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq_t, const at::Tensor& dk_t,
@@ -585,6 +755,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// Lengths outside [0, limit] are refused on the CPU, where reading them is free (on a GPU the
+// kernels clamp them instead: mmkernels/ops/checks.py).
+void check_lengths(const at::Tensor& t, const char* name, int64_t limit) {
+  if (!t.defined()) return;
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] <= limit, name, " must be in [0, ", limit, "], got ", p[i]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& kv_lengths,
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& q_lengths,
@@ -606,13 +786,16 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
   }
   const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
   const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
+  check_lengths(kv_len, "kv_lengths", k.size(2));
+  check_lengths(q_len, "q_lengths", q.size(2));
   const Visibility V = make_visibility(q, k, kv_len, q_len, start, end, key_padding_mask, causal);
   const Dropout drop = make_dropout(dropout_p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_cpu", [&] {
+    const bool decode = q.size(2) <= kDecodeMaxLq;
     if (pair) {
-      forward_kernel<scalar_t, true>(q, k, v, out, lse, V, drop, scale);
+      (decode ? decode_kernel<scalar_t, true> : forward_kernel<scalar_t, true>)(q, k, v, out, lse, V, drop, scale);
     } else {
-      forward_kernel<scalar_t, false>(q, k, v, out, lse, V, drop, scale);
+      (decode ? decode_kernel<scalar_t, false> : forward_kernel<scalar_t, false>)(q, k, v, out, lse, V, drop, scale);
     }
   });
   return {out, lse};
@@ -638,6 +821,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
   if (q.numel() == 0 || k.numel() == 0) return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   const at::Tensor kv_len = index_as_int64(kv_lengths), q_len = index_as_int64(q_lengths);
   const at::Tensor start = index_as_int64(kv_start), end = index_as_int64(kv_end);
+  check_lengths(kv_len, "kv_lengths", k.size(2));
+  check_lengths(q_len, "q_lengths", q.size(2));
   const Visibility V = make_visibility(q, k, kv_len, q_len, start, end, key_padding_mask, causal);
   const Dropout drop = make_dropout(dropout_p, seed);
   const at::Tensor lse_c = lse.contiguous();

@@ -126,7 +126,23 @@ void pack_panels(const S* src, int64_t stride, int64_t rows, int64_t width, int6
   constexpr int64_t P = kPanel<T>;
   const int64_t panels = (rows + P - 1) / P;
   std::fill(dst, dst + panels * depth * P, T(0));
-  for (int64_t j = 0; j < rows; ++j) {
+  int64_t j = 0;
+  // Whole 8 x 8 blocks by register transposes (ATen's; scalar where the ISA has none): element by
+  // element, the strided stores of a key tile (decoding packs one per tile) cost more than the
+  // product that reads it.
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && P % 8 == 0) {
+    if (scale == T(1)) {
+      for (; j + 8 <= rows; j += 8) {
+        T* d = dst + (j / P) * depth * P + (j % P);
+        int64_t c = 0;
+        for (; c + 8 <= width; c += 8) at::vec::transpose_mxn<float, 8, 8>(src + j * stride + c, stride, d + c * P, P);
+        for (; c < width; ++c) {
+          for (int64_t i = 0; i < 8; ++i) d[c * P + i] = src[(j + i) * stride + c];
+        }
+      }
+    }
+  }
+  for (; j < rows; ++j) {
     const S* s = src + j * stride;
     T* d = dst + (j / P) * depth * P + (j % P);
     for (int64_t c = 0; c < width; ++c) d[c * P] = scale * static_cast<T>(s[c]);

@@ -1,5 +1,5 @@
 """What every backend shares: the facts a backend judges inputs by, and the accumulation dtype."""
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,10 +31,10 @@ def gpu_index(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """The facts about one call that decide which backends can run it (mmkernels/spec.py
-    Capability says which facts each backend's kernels of an op take)."""
+    Capability says which facts each backend's kernels of an op take). A tuple, not a
+    dataclass: every call of an op builds one, and a frozen dataclass costs microseconds."""
 
     op: str  # the op's name, a key of mmkernels.spec.SPECS
     device: torch.device

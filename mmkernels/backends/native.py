@@ -7,7 +7,7 @@ import torch
 from mmkernels import _C
 from mmkernels.backends.base import Problem, co_attention_backward_by_two_calls, co_attention_by_two_calls, gpu_index
 
-_native = torch.ops.mmkernels
+_native = torch.ops.mmkernels  # called by overload (.default): a packet resolves it on every call
 
 CUDA_COMPILED = "cuda" in _C.compiled_backends
 # The tensor-core attention kernels (csrc/cuda/cross_attention) are compiled in CI and their logic
@@ -71,43 +71,43 @@ def attention_fits(p: Problem) -> str | None:
 
 
 def cross_attention(q, k, v, *visibility):
-    return _native.native_cross_attention(q, k, v, *visibility)
+    return _native.native_cross_attention.default(q, k, v, *visibility)
 
 
 def cross_attention_backward(grad_out, q, k, v, out, lse, *visibility):
-    return _native.native_cross_attention_backward(grad_out, q, k, v, out, lse, *visibility)
+    return _native.native_cross_attention_backward.default(grad_out, q, k, v, out, lse, *visibility)
 
 
 def concat_weighted_fusion(features, weight, bias, values, concat):
-    return _native.native_concat_weighted_fusion(features, weight, bias, values, concat)
+    return _native.native_concat_weighted_fusion.default(features, weight, bias, values, concat)
 
 
 def concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat):
-    return _native.native_concat_weighted_fusion_backward(grad_out, features, weight, values, gate, concat)
+    return _native.native_concat_weighted_fusion_backward.default(grad_out, features, weight, values, gate, concat)
 
 
 def decision_fusion(logits, weights, prob):
-    return _native.native_decision_fusion(logits, weights, prob)
+    return _native.native_decision_fusion.default(logits, weights, prob)
 
 
 def decision_fusion_backward(grad_out, logits, weights, prob):
-    return _native.native_decision_fusion_backward(grad_out, logits, weights, prob)
+    return _native.native_decision_fusion_backward.default(grad_out, logits, weights, prob)
 
 
 def linear_fusion(features, weights, bias, activation):
-    return _native.native_linear_fusion(features, weights, bias, activation)
+    return _native.native_linear_fusion.default(features, weights, bias, activation)
 
 
 def linear_fusion_backward(grad_out, features, weights, pre, activation):
-    return _native.native_linear_fusion_backward(grad_out, features, weights, pre, activation)
+    return _native.native_linear_fusion_backward.default(grad_out, features, weights, pre, activation)
 
 
 def gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z):
-    return _native.native_gated_fusion(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z)
+    return _native.native_gated_fusion.default(x_a, x_b, weight_a, weight_b, weight_z, bias_a, bias_b, bias_z)
 
 
 def gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z):
-    return _native.native_gated_fusion_backward(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z)
+    return _native.native_gated_fusion_backward.default(grad_out, x_a, x_b, weight_a, weight_b, weight_z, h_a, h_b, z)
 
 
 # Two launches of the native kernel: on the CPU a single launch saves nothing, and the CUDA
@@ -117,8 +117,8 @@ co_attention_backward = functools.partial(co_attention_backward_by_two_calls, cr
 
 
 def gated_residual_linear(x, h, weight, bias, gate, row_mask):
-    return _native.native_gated_residual_linear(x, h, weight, bias, gate, row_mask)
+    return _native.native_gated_residual_linear.default(x, h, weight, bias, gate, row_mask)
 
 
 def gated_residual_linear_backward(grad_out, h, weight, gate, row_mask, proj):
-    return _native.native_gated_residual_linear_backward(grad_out, h, weight, gate, row_mask, proj)
+    return _native.native_gated_residual_linear_backward.default(grad_out, h, weight, gate, row_mask, proj)

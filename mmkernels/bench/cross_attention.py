@@ -130,7 +130,8 @@ def _images(B, Lq, Lk, device):
 class MaskedAttentionCase:
     """The masks real models pass. mask="images": per-row key ranges (two interleaved images),
     against SDPA given the equivalent boolean mask and FlexAttention with a cached BlockMask;
-    mask="padding": a right-padded key_padding_mask against the equal kv_lengths."""
+    mask="padding": a right-padded key_padding_mask against the equal kv_lengths; mask="none":
+    every key seen (a decoding step over a full cache: Lq 1), against SDPA without a mask."""
 
     B: int
     Hq: int
@@ -161,6 +162,9 @@ class MaskedAttentionCase:
             j = torch.arange(self.Lk, device=device)
             visible = (j >= start[..., None]) & (j < end[..., None])
             given = dict(kv_start=start, kv_end=end)
+        elif self.mask == "none":
+            visible = torch.ones(self.B, self.Lq, self.Lk, dtype=torch.bool, device=device)
+            given = {}
         else:
             lengths = torch.randint(self.Lk // 4, self.Lk + 1, (self.B,), generator=g).to(device)
             padding = torch.arange(self.Lk, device=device) >= lengths[:, None]
@@ -209,7 +213,7 @@ def _masked_flex():
 def masked_providers(case, device, dtype, full: bool):
     out = {"eager": masked_eager}
     for name in contenders("cross_attention", device, dtype, head_dim=case.D):
-        if case.mask == "images":
+        if case.mask in ("images", "none"):
             out[f"mmkernels-{name}"] = (lambda backend: lambda q, k, v, vis, given: mmkernels.cross_attention(
                 q, k, v, **given, backend=backend))(name)
         else:  # the same padding, given as lengths and as a mask
@@ -217,7 +221,10 @@ def masked_providers(case, device, dtype, full: bool):
                 out[f"mmkernels-{name}-{kind.split('_')[-1]}"] = (lambda backend, kind: lambda q, k, v, vis, given: mmkernels.cross_attention(
                     q, k, v, **{kind: given[kind]}, backend=backend))(name, kind)
     gqa = case.Hq != case.Hkv
-    out["sdpa"] = lambda q, k, v, vis, given: torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=gqa))
+    if case.mask == "none":
+        out["sdpa"] = lambda q, k, v, vis, given: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    else:
+        out["sdpa"] = lambda q, k, v, vis, given: torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=gqa))
     if case.mask == "images":
         out["flex"] = _masked_flex()
     return out

@@ -23,8 +23,21 @@ def mask_cases(device_type: str):
     ]
 
 
+def small_call_cases():
+    """Where per-call overhead is the cost: one tiny call (the README's "overhead" rows), and
+    decoding steps, one query row over a full cache, with and without grouped-query heads."""
+    return [
+        AttentionCase(1, 8, 1, 64, 64, padded=False, mode="fwd"),
+        AttentionCase(1, 8, 1, 64, 64, padded=False, mode="fwd+bwd"),
+        MaskedAttentionCase(1, 32, 32, 1, 1601, 128, "none", mode="fwd"),
+        MaskedAttentionCase(1, 32, 8, 1, 1601, 128, "none", mode="fwd"),
+        MaskedAttentionCase(8, 32, 8, 1, 4096, 128, "none", mode="fwd"),
+    ]
+
+
 def cpu_cases(full: bool):
     cases = [
+        *small_call_cases(),
         # The CPU targets of the design card (fp32, 2 cores).
         AttentionCase(4, 8, 128, 1024, 64, padded=True, mode="fwd"),
         AttentionCase(4, 8, 128, 1024, 64, padded=True, mode="fwd+bwd"),

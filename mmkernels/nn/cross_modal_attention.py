@@ -187,7 +187,8 @@ class CrossModalAttention(nn.Module):
             # stock's NestedTensor contract, on these weights: its fused fast path, or its error
             return STOCK_MHA.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                   average_attn_weights, is_causal)
-        unbatched = not self._check_inputs(query, key, value, key_padding_mask, attn_mask, kv_lengths)
+        trusted_causal = is_causal and attn_mask is not None and key_padding_mask is None and not need_weights
+        unbatched = not self._check_inputs(query, key, value, key_padding_mask, attn_mask, kv_lengths, trusted_causal)
         if unbatched:
             dim = 0 if self.batch_first else 1
             query, key, value = (t.unsqueeze(dim) for t in (query, key, value))
@@ -203,8 +204,10 @@ class CrossModalAttention(nn.Module):
             weights = weights.squeeze(0) if weights is not None else None
         return out, weights
 
-    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, kv_lengths) -> bool:
-        """nn.MultiheadAttention's checks, with its messages; True for batched inputs."""
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, kv_lengths, trusted_causal=False) -> bool:
+        """nn.MultiheadAttention's checks, with its messages; True for batched inputs.
+        trusted_causal: stock drops the attn_mask for the is_causal hint (see _fused_arguments)
+        before it checks the mask's shape, so then its shape is not checked."""
         try:
             batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         except AssertionError as e:
@@ -227,7 +230,7 @@ class CrossModalAttention(nn.Module):
             raise ShapeError(f"expected `key` and `query` to have the same batch size, got {key.shape[b_dim]} and {B}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((B, Lk) if batched else (Lk,)):
             raise ShapeError(f"expecting key_padding_mask shape of {(B, Lk) if batched else (Lk,)}, but got {tuple(key_padding_mask.shape)}")
-        if attn_mask is not None:
+        if attn_mask is not None and not trusted_causal:
             expected = (Lq, Lk) if attn_mask.dim() == 2 else (B * self.num_heads, Lq, Lk)
             if tuple(attn_mask.shape) != expected:
                 raise ShapeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, but should be {expected}.")

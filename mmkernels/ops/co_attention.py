@@ -76,7 +76,7 @@ def _autograd_backward(ctx, grad_a, grad_lse_a, grad_b, grad_lse_b):
     saved = ctx.saved_tensors
     grad_a = torch.zeros_like(saved[6]) if grad_a is None else grad_a.contiguous() if grad_a.stride(-1) != 1 else grad_a
     grad_b = torch.zeros_like(saved[8]) if grad_b is None else grad_b.contiguous() if grad_b.stride(-1) != 1 else grad_b
-    grads = torch.ops.mmkernels.co_attention_backward(grad_a, grad_b, *saved, ctx.scale, ctx.backend)
+    grads = ctx.backward_op(grad_a, grad_b, *saved, ctx.scale, ctx.backend)
     return (*grads, *(None,) * 8)
 
 

@@ -116,7 +116,7 @@ def _autograd_backward(ctx, grad_out, grad_gate):
     features, values = rest[: ctx.m], rest[ctx.m :]
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grad_features, grad_weight, grad_bias, grad_values = torch.ops.mmkernels.concat_weighted_fusion_backward(
+    grad_features, grad_weight, grad_bias, grad_values = ctx.backward_op(
         grad_out, features, weight, values, gate, ctx.concat, ctx.backend
     )
     return grad_features, grad_weight, grad_bias if ctx.has_bias else None, grad_values, None, None

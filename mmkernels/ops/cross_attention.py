@@ -53,7 +53,9 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_lengths: Tensor | Non
     (use_backend / MMKERNELS_BACKEND / auto) or one of mmkernels.available_backends().
     Returns (B, Hq, Lq, D) in q's dtype.
     """
-    check_attention_inputs(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end)
+    check_float("q", q)  # the rest is checked once, by the operator (or its kernel)
+    if q.dim() != 4:
+        fail(f"q must be 4-D (B, H, L, D), got shape {tuple(q.shape)}")
     q, scale = apply_scale(q, scale)
     causal, dropout_p = check_causal(causal), check_dropout(dropout_p)
     seed = dropout_seed(q) if dropout_p > 0 else None
@@ -115,6 +117,8 @@ def check_causal(causal) -> bool:
 
 
 def check_dropout(p) -> float:
+    if type(p) is float and 0.0 <= p < 1.0:  # the common case, without numbers.Real's slow isinstance
+        return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
         fail(f"dropout_p must be a number in [0, 1), got {p!r}")
     return float(p)
@@ -185,7 +189,7 @@ def _autograd_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, seed = ctx.saved_tensors
     if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
         grad_out = grad_out.contiguous()
-    dq, dk, dv = torch.ops.mmkernels.cross_attention_backward(
+    dq, dk, dv = ctx.backward_op(
         grad_out, q, k, v, out, lse, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, ctx.causal,
         ctx.dropout_p, seed, ctx.scale, ctx.backend
     )

@@ -93,7 +93,7 @@ def _autograd_backward(ctx, grad_out):
     weights, *logits = ctx.saved_tensors
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grad_logits, grad_weights = torch.ops.mmkernels.decision_fusion_backward(grad_out, logits, weights, ctx.prob, ctx.backend)
+    grad_logits, grad_weights = ctx.backward_op(grad_out, logits, weights, ctx.prob, ctx.backend)
     return grad_logits, grad_weights, None, None
 
 

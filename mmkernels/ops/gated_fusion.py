@@ -85,7 +85,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, *unused):
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grads = torch.ops.mmkernels.gated_fusion_backward(grad_out, *ctx.saved_tensors, ctx.backend)
+    grads = ctx.backward_op(grad_out, *ctx.saved_tensors, ctx.backend)
     biases = [g if has else None for g, has in zip(grads[5:], ctx.has_bias)]
     return (*grads[:5], *biases, None)
 

@@ -83,7 +83,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out, grad_proj):
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    gx, gh, gw, gb, gg = torch.ops.mmkernels.gated_residual_linear_backward(grad_out, *ctx.saved_tensors, ctx.backend)
+    gx, gh, gw, gb, gg = ctx.backward_op(grad_out, *ctx.saved_tensors, ctx.backend)
     grad_mask = None
     if ctx.needs_input_grad[5]:  # a float row_mask that is learned: d out / d mask_r = tanh(gate) <dout_r, proj_r>
         _, _, gate, row_mask, proj = ctx.saved_tensors

@@ -88,7 +88,7 @@ def _autograd_backward(ctx, grad_out, grad_pre):
     features, weights = rest[: ctx.m], rest[ctx.m :]
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grad_features, grad_weights, grad_bias = torch.ops.mmkernels.linear_fusion_backward(
+    grad_features, grad_weights, grad_bias = ctx.backward_op(
         grad_out, features, weights, pre, ctx.activation, ctx.backend
     )
     return grad_features, grad_weights, grad_bias if ctx.has_bias else None, None, None

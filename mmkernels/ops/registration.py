@@ -3,12 +3,25 @@ router kernel that validates its arguments, picks the backend and calls its kern
 name; fake functions for the public and the native_ schemas (validating too); one autograd
 registration whose backward is the registered backward op, always on the backend the forward ran
 on; and refusals, never silent zeros, for what is not implemented: double backward and
-forward-mode AD."""
+forward-mode AD.
+
+Eager calls skip the dispatcher's trip through Python (the router and torch.library's autograd,
+which re-reads the schema on every call: several times SDPA's whole call on a decoding step).
+When nothing can intercept the call (not compiling, no dispatch or function mode, plain
+tensors), `call` picks the backend once and runs its kernel directly, through one
+autograd.Function when a gradient is wanted (which also makes torch.func.grad/vjp work). The
+C++ kernels check everything they index, so on the cpu and cuda backends the Python checks run
+only when the kernel refuses, to raise with the argument's name; elsewhere they run first."""
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, peek_interpreter_stack
 
 from mmkernels import spec as specs
 from mmkernels.backends import choose, kernel
+
+NATIVE = ("cpu", "cuda")  # backends whose kernels validate their arguments in C++
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = (type(None), bool, int, float, str)  # never tensors: skips a slow isinstance
 from mmkernels.ops.checks import fail
 
 
@@ -39,9 +52,12 @@ def register_op(spec: "specs.OpSpec"):
 
         return run
 
+    backward_op = getattr(torch.ops.mmkernels, f"{name}_backward")
+
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.backend = inputs[-1] or choose(problem(*inputs[:-1]))  # a direct call of the op with ""
+        ctx.backward_op = backward_op
 
     def no_setup(ctx, inputs, output):
         pass
@@ -61,11 +77,123 @@ def register_op(spec: "specs.OpSpec"):
 
     op = getattr(torch.ops.mmkernels, name)
 
+    def run(chosen, args):
+        """The chosen backend's kernel, without the dispatcher: the eager fast path."""
+        return _validated(kernel(chosen, name), chosen, check, args)
+
+    def run_backward(*args):
+        """The backward op, or its kernel directly where the forward's fast path would run."""
+        *args, chosen = args
+        if peek_interpreter_stack() is None:
+            if torch.is_grad_enabled() or not _plain(args):  # create_graph (the op refuses it), or a subclass
+                return backward_op(*args, chosen)
+        elif any(is_batchedtensor(t) for t in _tensors(args)):  # vmap (jacrev): the op, which torch batches
+            return backward_op(*args, chosen)
+        return _validated(kernel(chosen, f"{name}_backward"), chosen, check_backward, args)
+
+    def setup_fast(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.backend = inputs[-1]
+        ctx.backward_op = run_backward
+
+    class Eager(torch.autograd.Function):
+        """The op's autograd for the fast path (its last input is the chosen backend), in the
+        old style, with ctx in forward: apply then skips binding the arguments to forward's
+        signature by inspect, which costs more than a small call's kernel."""
+
+        @staticmethod
+        def forward(ctx, *args):
+            output = run(args[-1], args[:-1])
+            setup_fast(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    class Function(torch.autograd.Function):
+        """The same for torch.func transforms, which need forward and setup_context apart."""
+
+        generate_vmap_rule = True  # under vmap the forward runs the op, whose batching torch provides
+
+        @staticmethod
+        def forward(*args):
+            if _plain(args):
+                return run(args[-1], args[:-1])
+            return op(*args)
+
+        setup_context = staticmethod(setup_fast)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    has_lists = spec.lists
+
     def call(*args, backend=None):
         refuse_forward_ad(name, args)
-        return op(*args, choose(problem(*args), backend or ""))
+        route = _route(args)
+        chosen = choose(problem(*args), backend or "")
+        if route is INTERCEPT or (route is GRAD and has_lists):  # an autograd.Function tracks only direct tensor arguments
+            return op(*args, chosen)
+        if route is GRAD:
+            return (Eager if peek_interpreter_stack() is None else Function).apply(*args, chosen)
+        return run(chosen, args)
 
     return call
+
+
+INTERCEPT, GRAD, NO_GRAD = "intercept", "grad", "no grad"
+
+
+def _route(args) -> str:
+    """How `call` runs an op: INTERCEPT through the dispatcher, where something besides its
+    kernels may need to see the call (torch.compile, a dispatch or function mode, a tensor
+    subclass such as DTensor, vmap); else GRAD through the autograd.Function when a gradient is
+    wanted (torch.func.grad/vjp included, which it supports), or NO_GRAD straight to the kernel.
+    One pass over the arguments: this runs on every call."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return INTERCEPT
+    transformed = peek_interpreter_stack() is not None
+    grad = transformed
+    for a in args:
+        for t in (a if type(a) in (list, tuple) else (a,)):
+            if type(t) in _PLAIN:
+                grad = grad or t.requires_grad
+            elif type(t) not in _SCALARS and isinstance(t, torch.Tensor):
+                return INTERCEPT
+    return GRAD if grad and (transformed or torch.is_grad_enabled()) else NO_GRAD
+
+
+def _validated(fn, chosen, check, args):
+    """fn(*args) with its arguments checked: by the C++ kernels themselves on the native backends
+    (the Python check then runs only if they refuse, to raise with the argument's name), first
+    by the Python check elsewhere."""
+    if chosen not in NATIVE:
+        check(*args)
+        return fn(*args)
+    try:
+        return fn(*args)
+    except RuntimeError:
+        check(*args)
+        raise
+
+
+def _tensors(args):
+    for a in args:
+        for t in (a if type(a) in (list, tuple) else (a,)):
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def _plain(args) -> bool:
+    """Every tensor argument an ordinary tensor or Parameter: no subclass (DTensor, fake,
+    nested) and no functorch wrapper (vmap's batched tensors)."""
+    for a in args:
+        for t in (a if type(a) in (list, tuple) else (a,)):
+            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or is_functorch_wrapped_tensor(t)):
+                return False
+    return True
 
 
 def refuse_forward_ad(name, args):
