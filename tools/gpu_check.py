@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     run_step("info", [py, "-m", "mmkernels.cli", "info"], timeout=120)
     test_env = {"TRITON_INTERPRET": "0", "PYTHONWARNINGS": "ignore"}
     run_step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "tests/test_cuda_backend.py",
-                       "tests/test_torch_mha_contract.py", f"--junitxml={os.path.join(out, 'tests.xml')}"], test_env, 1200)
+                       "tests/test_torch_contract.py", f"--junitxml={os.path.join(out, 'tests.xml')}"], test_env, 1200)
     if "tests" in summary["steps"] and not args.dry_run and "tests" not in args.skip:
         summary["steps"]["tests"]["counts"] = pytest_counts(os.path.join(out, "tests.log"))
         bad = unexpected_skips(os.path.join(out, "tests.xml"))

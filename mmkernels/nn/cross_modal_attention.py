@@ -35,7 +35,7 @@ class CrossModalAttention(nn.Module):
     value, their projections run as one GEMM.
 
     The rest of stock's contract is kept, tested by PyTorch's own MHA tests
-    (tests/test_torch_mha_contract.py): its errors and messages (ShapeError is also an
+    (tests/test_torch_contract.py): its errors and messages (ShapeError is also an
     AssertionError), add_bias_kv / add_zero_attn, merge_masks, NestedTensor inputs (stock's
     forward on these weights), TorchScript (torch's own attention math on these weights).
     """

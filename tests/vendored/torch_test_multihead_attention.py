@@ -1,8 +1,8 @@
 # Vendored from PyTorch: test/nn/test_multihead_attention.py as stored at pytorch/pytorch commit
 # 4944550058f7c15b6d93bb18677e196f70f9c575 (main, a little newer than the v2.14.1 we pin: its
-# jagged-NestedTensor test needs a torch newer than 2.14.1, see tests/test_torch_mha_contract.py).
+# jagged-NestedTensor test needs a torch newer than 2.14.1, see tests/test_torch_contract.py).
 # BSD-3-Clause, Copyright (c) PyTorch contributors. Changed: this header only, and the file name
-# (no test_ prefix, so pytest collects it only through tests/test_torch_mha_contract.py, which
+# (no test_ prefix, so pytest collects it only through tests/test_torch_contract.py, which
 # runs these tests against stock and against CrossModalAttention). The code below is unchanged.
 # Owner(s): ["module: nn"]
 import contextlib
