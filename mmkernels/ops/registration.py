@@ -148,11 +148,12 @@ INTERCEPT, GRAD, NO_GRAD = "intercept", "grad", "no grad"
 
 def _route(args) -> str:
     """How `call` runs an op: INTERCEPT through the dispatcher, where something besides its
-    kernels may need to see the call (torch.compile, a dispatch or function mode, a tensor
-    subclass such as DTensor, vmap); else GRAD through the autograd.Function when a gradient is
+    kernels may need to see the call (torch.compile, a dispatch or function mode, the profiler, a
+    tensor subclass such as DTensor, vmap); else GRAD through the autograd.Function when a gradient is
     wanted (torch.func.grad/vjp included, which it supports), or NO_GRAD straight to the kernel.
     One pass over the arguments: this runs on every call."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch.autograd._profiler_enabled()):  # a profile names the mmkernels:: operators, as a user reads it
         return INTERCEPT
     transformed = peek_interpreter_stack() is not None
     grad = transformed
