@@ -219,10 +219,15 @@ bool all_finite(const T* x, int64_t rows, int64_t cols, int64_t ld) {
 // rows (a, ld) of a K or V tile in acc_t with Dp columns: the tensor itself when it already is
 // (fp32/fp64 with D a multiple of the vector width), else a widened, zero-padded copy in buf.
 template <typename scalar_t, typename acc_t>
+bool tile_rows_copy(int64_t D, int64_t Dp) {  // whether tile_rows needs its buffer
+  return !std::is_same_v<scalar_t, acc_t> || D != Dp;
+}
+
+template <typename scalar_t, typename acc_t>
 std::pair<const acc_t*, int64_t> tile_rows(const Rows<scalar_t>& X, int64_t b, int64_t h, int64_t j0, int64_t n,
                                            int64_t D, int64_t Dp, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (D == Dp) return {X.row(b, h, j0), X.sl};
+    if (!tile_rows_copy<scalar_t, acc_t>(D, Dp)) return {X.row(b, h, j0), X.sl};
   }
   cpu::pack_rows(X.row(b, h, j0), X.sl, n, D, acc_t(1), buf, Dp);
   return {buf, Dp};
@@ -478,10 +483,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     std::vector<char> seen;
   };
   const int64_t tile = std::min(kBlockK, Lk);  // a short cache, small buffers
-  const bool widen = !std::is_same_v<scalar_t, acc_t> || D != Dp;  // tile_rows needs vbuf
   auto make = [&] {
     return Scratch{std::vector<acc_t>(R * Dp), std::vector<acc_t>(round_up(tile, P) * Dp),
-                   std::vector<acc_t>(widen ? tile * Dp : 0), std::vector<acc_t>(R * Np),
+                   std::vector<acc_t>(tile_rows_copy<scalar_t, acc_t>(D, Dp) ? tile * Dp : 0), std::vector<acc_t>(R * Np),
                    std::vector<acc_t>(R), std::vector<acc_t>(R), std::vector<acc_t>(R * Dp), std::vector<char>(R)};
   };
   cpu::for_each_task(B * Hkv * splits, make, [&](int64_t task, Scratch& S) {
@@ -517,8 +521,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         acc_t* s = S.s.data() + r * Np;
         if (!blk.active(i)) continue;
         at::vec::map([sc = static_cast<acc_t>(scale)](VT x) { return x * VT(sc); }, s, s, n);
-        for (int64_t t = 0; t < n; ++t) {
-          if (kind == 1 || blk.visible(V, i, j0 + t)) {
+        if (kind == 1) st.seen[r] = 1;
+        for (int64_t t = 0; kind == 2 && t < n; ++t) {
+          if (blk.visible(V, i, j0 + t)) {
             st.seen[r] = 1;
           } else {
             s[t] = -std::numeric_limits<acc_t>::infinity();

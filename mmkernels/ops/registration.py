@@ -18,11 +18,11 @@ from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, p
 
 from mmkernels import spec as specs
 from mmkernels.backends import choose, kernel
+from mmkernels.ops.checks import fail
 
 NATIVE = ("cpu", "cuda")  # backends whose kernels validate their arguments in C++
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = (type(None), bool, int, float, str)  # never tensors: skips a slow isinstance
-from mmkernels.ops.checks import fail
 
 
 def register_op(spec: "specs.OpSpec"):
@@ -111,7 +111,7 @@ def register_op(spec: "specs.OpSpec"):
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    class Function(torch.autograd.Function):
+    class Function(Eager):
         """The same for torch.func transforms, which need forward and setup_context apart."""
 
         generate_vmap_rule = True  # under vmap the forward runs the op, whose batching torch provides
@@ -124,46 +124,44 @@ def register_op(spec: "specs.OpSpec"):
 
         setup_context = staticmethod(setup_fast)
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
     has_lists = spec.lists
 
     def call(*args, backend=None):
         refuse_forward_ad(name, args)
         route = _route(args)
         chosen = choose(problem(*args), backend or "")
-        if route is INTERCEPT or (route is GRAD and has_lists):  # an autograd.Function tracks only direct tensor arguments
+        if route is INTERCEPT or (route is not NO_GRAD and has_lists):  # an autograd.Function tracks only direct tensor arguments
             return op(*args, chosen)
-        if route is GRAD:
-            return (Eager if peek_interpreter_stack() is None else Function).apply(*args, chosen)
-        return run(chosen, args)
+        if route is NO_GRAD:
+            return run(chosen, args)
+        return (Eager if route is GRAD else Function).apply(*args, chosen)
 
     return call
 
 
-INTERCEPT, GRAD, NO_GRAD = "intercept", "grad", "no grad"
+INTERCEPT, GRAD, TRANSFORMED, NO_GRAD = "intercept", "grad", "transformed", "no grad"
 
 
 def _route(args) -> str:
     """How `call` runs an op: INTERCEPT through the dispatcher, where something besides its
     kernels may need to see the call (torch.compile, a dispatch or function mode, the profiler, a
-    tensor subclass such as DTensor, vmap); else GRAD through the autograd.Function when a gradient is
-    wanted (torch.func.grad/vjp included, which it supports), or NO_GRAD straight to the kernel.
-    One pass over the arguments: this runs on every call."""
+    tensor subclass such as DTensor); else GRAD through the autograd.Function when a gradient is
+    wanted, TRANSFORMED through its torch.func form inside a functorch transform (grad, vjp; under
+    vmap its forward hands the op to torch's batching), or NO_GRAD straight to the kernel. One
+    pass over the arguments: this runs on every call."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch.autograd._profiler_enabled()):  # a profile names the mmkernels:: operators, as a user reads it
         return INTERCEPT
-    transformed = peek_interpreter_stack() is not None
-    grad = transformed
+    grad = False
     for a in args:
         for t in (a if type(a) in (list, tuple) else (a,)):
             if type(t) in _PLAIN:
                 grad = grad or t.requires_grad
             elif type(t) not in _SCALARS and isinstance(t, torch.Tensor):
                 return INTERCEPT
-    return GRAD if grad and (transformed or torch.is_grad_enabled()) else NO_GRAD
+    if peek_interpreter_stack() is not None:
+        return TRANSFORMED
+    return GRAD if grad and torch.is_grad_enabled() else NO_GRAD
 
 
 def _validated(fn, chosen, check, args):
@@ -190,19 +188,14 @@ def _tensors(args):
 def _plain(args) -> bool:
     """Every tensor argument an ordinary tensor or Parameter: no subclass (DTensor, fake,
     nested) and no functorch wrapper (vmap's batched tensors)."""
-    for a in args:
-        for t in (a if type(a) in (list, tuple) else (a,)):
-            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or is_functorch_wrapped_tensor(t)):
-                return False
-    return True
+    return all(type(t) in _PLAIN and not is_functorch_wrapped_tensor(t) for t in _tensors(args))
 
 
 def refuse_forward_ad(name, args):
     """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) would silently drop the
     tangents: no op here has a forward formula."""
-    if fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+    if fwAD._current_level < 0 and peek_interpreter_stack() is None:
         return  # no dual level and no functorch transform: nothing can carry a tangent
-    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
-    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors if t.is_floating_point()):
+    if any(fwAD.unpack_dual(t).tangent is not None for t in _tensors(args) if t.is_floating_point()):
         fail(f"mmkernels.{name} does not support forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): "
              "it has no forward derivative; use reverse mode (backward)")
