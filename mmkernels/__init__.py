@@ -1,6 +1,7 @@
 """mmkernels: fused kernels for multimodal models, as torch operators with autograd.
 
     mmkernels.cross_attention(q, k, v, kv_lengths=..., ...)
+    mmkernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True)
     mmkernels.concat_weighted_fusion(features, weight, bias, values=..., output="sum")
 """
 import os
@@ -37,7 +38,7 @@ def _load_extension():
 _C = _load_extension()  # loads the operator schemas and the C++ kernels
 from mmkernels.backends import BackendUnavailable, available_backends, use_backend
 from mmkernels.info import info
-from mmkernels.ops import attention_dropout_mask, co_attention, concat_weighted_fusion, cross_attention, decision_fusion, gated_fusion, linear_fusion
+from mmkernels.ops import attention_dropout_mask, co_attention, concat_weighted_fusion, cross_attention, decision_fusion, gated_fusion, linear_fusion, varlen_attention
 from mmkernels.ops.checks import InvalidInput
 from mmkernels import nn  # noqa: E402
 from mmkernels.patch import PatchReport, patch, unpatch
@@ -71,4 +72,5 @@ __all__ = [
     "profile",
     "unpatch",
     "use_backend",
+    "varlen_attention",
 ]

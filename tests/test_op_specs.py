@@ -35,8 +35,9 @@ def leaves(args):
 
 
 def test_every_public_op_has_a_spec():
+    over_other_ops = ("attention_dropout_mask", "varlen_attention")  # functions over cross_attention's operator
     for name in mmkernels.ops.__all__:
-        if name != "attention_dropout_mask":
+        if name not in over_other_ops:
             assert name in SPECS, f"mmkernels.ops.{name} has no OpSpec: declare it with register_op(OpSpec(...))"
             assert SPECS[name].function is getattr(mmkernels.ops, name), f"OpSpec {name!r} names another function"
 

@@ -163,6 +163,27 @@ def test_blip2_qformer_matches_sdpa(calls):
     assert len(cross) == 2 and (cross[0]["kv_end"][1] == 7).all() and (cross[0]["kv_end"][0] == 11).all()
 
 
+# --- Qwen2-VL's vision encoder --------------------------------------------------------------------
+
+
+def test_qwen2_vl_packed_vision_encoder_is_fused(calls):
+    """Several images packed into one sequence (cu_seqlens): transformers runs one attention call
+    per frame of each image for implementations that are not flash-attn's, each without a mask; every one is
+    fused, and the encoder's output equals sdpa's."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    config = Qwen2VLVisionConfig(depth=2, embed_dim=64, hidden_size=64, num_heads=4, patch_size=2, temporal_patch_size=1,
+                                 spatial_merge_size=2, in_channels=3)
+    sdpa, ours = pair(Qwen2VisionTransformerPretrainedModel, config)
+    grid = torch.tensor([[1, 4, 6], [1, 2, 2], [2, 4, 4]])  # (t, h, w) patches of three images
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2)
+    with torch.no_grad():
+        expected, got = (m(pixels, grid_thw=grid).last_hidden_state for m in (sdpa, ours))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not calls["fallback"] and len(calls["fused"]) == 2 * int(grid[:, 0].sum())  # every layer, every frame
+
+
 # --- the mask conversion --------------------------------------------------------------------------
 
 

@@ -6,5 +6,6 @@ from mmkernels.ops.decision_fusion import decision_fusion
 from mmkernels.ops.gated_fusion import gated_fusion
 from mmkernels.ops.gated_residual_linear import gated_residual_linear
 from mmkernels.ops.linear_fusion import linear_fusion
+from mmkernels.ops.varlen_attention import varlen_attention
 
-__all__ = ["attention_dropout_mask", "co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion"]
+__all__ = ["attention_dropout_mask", "co_attention", "cross_attention", "concat_weighted_fusion", "decision_fusion", "gated_fusion", "gated_residual_linear", "linear_fusion", "varlen_attention"]
