@@ -82,7 +82,11 @@ class OpSpec:
     `fake`/`backward_fake` give the outputs' metadata; `setup_context`/`backward` are its autograd
     (ctx.backend is set by the registration to the backend the forward ran on). grads: how many
     output gradients lead the backward's arguments. example(): small CPU arguments of the public
-    function, for the completeness test's opcheck."""
+    function, for the completeness test's opcheck. shared: the tensor arguments every row shares
+    (weights, the dropout seed); every other tensor leads with the batch or rows, into which vmap
+    folds its dim (mmkernels/ops/batching.py). keeps_dtype: the floating arguments torch.autocast
+    leaves in their dtype (mmkernels/ops/registration.py autocast). heads: the arguments with a
+    head dim at 1, which DTensor may shard (mmkernels/ops/sharding.py)."""
 
     name: str
     function: Callable
@@ -97,6 +101,9 @@ class OpSpec:
     backends: dict[str, Capability]
     example: Callable
     grads: int = 1
+    shared: tuple[str, ...] = ()
+    keeps_dtype: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
 
     @property
     def native(self) -> bool:

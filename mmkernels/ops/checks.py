@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from mmkernels.spec import FLOATS as FLOAT_DTYPES
 
@@ -106,11 +107,20 @@ def values_free(t) -> bool:
     return t.device.type in FREE_DEVICES or os.environ.get(CHECK_VALUES_ENV) == "1"
 
 
+def every_sample(t):
+    """t's values for a check: under torch.func.vmap, those of every sample (a batched tensor's
+    values cannot decide a branch), the tensor itself elsewhere."""
+    while not torch.compiler.is_compiling() and is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
 def check_index_values(name: str, t, limit: int):
     """Lengths must lie in [0, limit]: checked where values_free(t); elsewhere the kernels clamp
     (see the module docstring)."""
     if t is None or t.numel() == 0 or not values_free(t):
         return
+    t = every_sample(t)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi > limit:
         fail(f"{name} must be in [0, {limit}], got values in [{lo}, {hi}]")

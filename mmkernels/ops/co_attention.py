@@ -91,5 +91,6 @@ _op = register_op(OpSpec(
     name="co_attention", function=co_attention, layer="CoAttention", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
     backward=_autograd_backward, example=_example, grads=2,
+    heads=("q_a", "k_a", "v_a", "q_b", "k_b", "v_b", "out_a", "lse_a", "out_b", "lse_b", "grad_a", "grad_b"),
     backends=ATTENTION_BACKENDS,
 ))

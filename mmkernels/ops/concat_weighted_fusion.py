@@ -131,7 +131,7 @@ def _example():
 _op = register_op(OpSpec(
     name="concat_weighted_fusion", function=concat_weighted_fusion, layer="ConcatWeightedFusion", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example,
+    backward=_autograd_backward, example=_example, shared=("weight", "bias"),
     backends={
         "reference": Capability(),
         "cpu": Capability(),

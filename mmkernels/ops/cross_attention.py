@@ -215,6 +215,6 @@ def _example():
 _op = register_op(OpSpec(
     name="cross_attention", function=cross_attention, layer="CrossModalAttention", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example,
+    backward=_autograd_backward, example=_example, shared=("seed",), heads=("q", "k", "v", "out", "lse", "grad_out"),
     backends=ATTENTION_BACKENDS,
 ))

@@ -8,6 +8,7 @@ from mmkernels.backends.base import Problem, acc_dtype
 from mmkernels.limits import MAX_MODALITIES
 from mmkernels.ops.checks import (
     as_rows,
+    every_sample,
     check_last_dim_contiguous,
     check_row_list,
     check_shape,
@@ -45,11 +46,12 @@ def decision_fusion(logits: Sequence[Tensor], weights: Tensor | None = None, *, 
             fail(f"weights must be a float tensor on the logits' device ({logits[0].device}), got {got}")
         if tuple(weights.shape) != (M,):
             fail(f"weights must have shape ({M},), one per modality, got {tuple(weights.shape)}")
-        valid = (weights >= 0).all() & (weights.sum() > 0) & torch.isfinite(weights).all()
+        plain = every_sample(weights)
+        valid = (plain >= 0).all() & torch.isfinite(plain).all() & every_sample(weights.sum() > 0).all()
         if not values_free(weights):  # a device-side assert (in the graph, while tracing): no host sync
             torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
         elif not bool(valid):
-            fail(f"weights must be finite and >= 0 with a positive sum, got {weights.tolist()}")
+            fail(f"weights must be finite and >= 0 with a positive sum, got {plain.tolist()}")
         w = weights.to(acc) / weights.to(acc).sum()
     rows = [as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
     out = _op(rows, w, mode == "prob", backend=backend)
@@ -106,7 +108,7 @@ def _example():
 _op = register_op(OpSpec(
     name="decision_fusion", function=decision_fusion, layer="DecisionFusion", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example,
+    backward=_autograd_backward, example=_example, shared=("weights",), keeps_dtype=("weights",),
     backends={
         "reference": Capability(),
         "cpu": Capability(),

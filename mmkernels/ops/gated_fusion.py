@@ -99,6 +99,6 @@ def _example():
 _op = register_op(OpSpec(
     name="gated_fusion", function=gated_fusion, layer="GatedMultimodalUnit", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example,
+    backward=_autograd_backward, example=_example, shared=("weight_a", "weight_b", "weight_z", "bias_a", "bias_b", "bias_z"),
     backends=composite_fusion_backends(),
 ))

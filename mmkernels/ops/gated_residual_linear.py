@@ -100,6 +100,6 @@ def _example():
 _op = register_op(OpSpec(
     name="gated_residual_linear", function=gated_residual_linear, layer="GatedCrossAttention", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example,
+    backward=_autograd_backward, example=_example, shared=("weight", "bias", "gate"),
     backends=composite_fusion_backends(),
 ))

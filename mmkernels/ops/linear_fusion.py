@@ -104,6 +104,6 @@ def _example():
 _op = register_op(OpSpec(
     name="linear_fusion", function=linear_fusion, layer="LinearFusion", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example,
+    backward=_autograd_backward, example=_example, shared=("weights", "bias"),
     backends=composite_fusion_backends(MAX_MODALITIES),
 ))

@@ -16,8 +16,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, peek_interpreter_stack
 
+from mmkernels import schemas
 from mmkernels import spec as specs
 from mmkernels.backends import choose, kernel
+from mmkernels.ops import batching, sharding
 from mmkernels.ops.checks import fail
 
 NATIVE = ("cpu", "cuda")  # backends whose kernels validate their arguments in C++
@@ -74,6 +76,7 @@ def register_op(spec: "specs.OpSpec"):
         torch.library.register_fake(f"mmkernels::{prefix}{name}_backward", checked(backward_fake, check_backward, with_backend))
     torch.library.register_autograd(f"mmkernels::{name}", backward, setup_context=setup)
     torch.library.register_autograd(f"mmkernels::{name}_backward", no_double_backward, setup_context=no_setup)
+    batching.register(spec)
 
     op = getattr(torch.ops.mmkernels, name)
 
@@ -87,7 +90,7 @@ def register_op(spec: "specs.OpSpec"):
         if peek_interpreter_stack() is None:
             if torch.is_grad_enabled() or not _plain(args):  # create_graph (the op refuses it), or a subclass
                 return backward_op(*args, chosen)
-        elif any(is_batchedtensor(t) for t in _tensors(args)):  # vmap (jacrev): the op, which torch batches
+        elif any(is_batchedtensor(t) for t in _tensors(args)):  # vmap (jacrev): the op (mmkernels/ops/batching.py)
             return backward_op(*args, chosen)
         return _validated(kernel(chosen, f"{name}_backward"), chosen, check_backward, args)
 
@@ -124,17 +127,52 @@ def register_op(spec: "specs.OpSpec"):
 
         setup_context = staticmethod(setup_fast)
 
-    has_lists = spec.lists
+    class ListsEager(torch.autograd.Function):
+        """Eager for the ops that take lists of tensors, which autograd tracks only as direct
+        arguments: apply gets the lists' tensors flattened, and their lengths last."""
+
+        @staticmethod
+        def forward(ctx, *flat):
+            ctx.layout = flat[-1]
+            return Eager.forward(ctx, *nested(flat[:-1], ctx.layout))
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return (*flattened_grads(backward(ctx, *grads), ctx.layout), None)
+
+    class ListsFunction(ListsEager):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*flat):
+            return Function.forward(*nested(flat[:-1], flat[-1]))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.layout = inputs[-1]
+            setup_fast(ctx, nested(inputs[:-1], ctx.layout), output)
+
+    autograd = {GRAD: ListsEager, TRANSFORMED: ListsFunction} if spec.lists else {GRAD: Eager, TRANSFORMED: Function}
+
+    keep = {i for i, arg in enumerate(batching.arg_names(schemas.SCHEMAS[name][0])) if arg in spec.keeps_dtype}
 
     def call(*args, backend=None):
+        if torch._C._is_any_autocast_enabled():
+            args = autocast(args, keep)
         refuse_forward_ad(name, args)
         route = _route(args)
         chosen = choose(problem(*args), backend or "")
-        if route is INTERCEPT or (route is not NO_GRAD and has_lists):  # an autograd.Function tracks only direct tensor arguments
+        if route is INTERCEPT:
+            sharding.register_if_distributed()  # a DTensor may be among the arguments
+            if spec.lists and sharding.dtensors(args):
+                return sharding.on_shards(spec, call, args, backend)
             return op(*args, chosen)
         if route is NO_GRAD:
             return run(chosen, args)
-        return (Eager if route is GRAD else Function).apply(*args, chosen)
+        if spec.lists:
+            flat, layout = flattened((*args, chosen))
+            return autograd[route].apply(*flat, layout)
+        return autograd[route].apply(*args, chosen)
 
     return call
 
@@ -164,6 +202,26 @@ def _route(args) -> str:
     return GRAD if grad and torch.is_grad_enabled() else NO_GRAD
 
 
+def autocast(args, keep=()):
+    """Autocast's policy for the ops, SDPA's: inside torch.autocast for the inputs' device, every
+    floating tensor argument but float64 (and those at the indices in keep) runs in the autocast
+    dtype, which also settles mixed q/k/v dtypes as SDPA does. The casts are ordinary tensor ops:
+    gradients flow back to the inputs in their own dtypes."""
+    first = next(_tensors(args), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return args
+    dtype = torch.get_autocast_dtype(first.device.type)
+
+    def cast(a):
+        if type(a) in (list, tuple):
+            return [cast(t) for t in a]
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype not in (dtype, torch.float64):
+            return a.to(dtype)
+        return a
+
+    return tuple(a if i in keep else cast(a) for i, a in enumerate(args))
+
+
 def _validated(fn, chosen, check, args):
     """fn(*args) with its arguments checked: by the C++ kernels themselves on the native backends
     (the Python check then runs only if they refuse, to raise with the argument's name), first
@@ -176,6 +234,31 @@ def _validated(fn, chosen, check, args):
     except RuntimeError:
         check(*args)
         raise
+
+
+def flattened(args):
+    """(args with each list's items spliced in, each argument's list length or None)."""
+    flat, layout = [], []
+    for a in args:
+        is_list = type(a) in (list, tuple)
+        flat.extend(a) if is_list else flat.append(a)
+        layout.append(len(a) if is_list else None)
+    return flat, tuple(layout)
+
+
+def nested(flat, layout) -> list:
+    args, i = [], 0
+    for n in layout:
+        args.append(flat[i] if n is None else list(flat[i:i + n]))
+        i += 1 if n is None else n
+    return args
+
+
+def flattened_grads(grads, layout) -> list:
+    flat = []
+    for g, n in zip(grads, layout):
+        flat.extend([g] if n is None else g if g is not None else [None] * n)
+    return flat
 
 
 def _tensors(args):
