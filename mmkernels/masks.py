@@ -122,6 +122,32 @@ def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_t
     return (start, end, hidden), None
 
 
+def traced_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str):
+    """For torch.compile, where no value can decide a branch: to_ranges' ranges computed on the
+    device, always, with a device bool that says whether they express the mask exactly (only
+    visible/hidden values, the same for every head, one span per row less keys no row sees). The
+    caller picks the fused call or its fallback by torch.cond on it. (None, why) for a mask whose
+    shape alone rules it out."""
+    if mask.shape[-1] != kv_len or mask.shape[-2] not in (1, q_len) or mask.dim() not in (2, 4):
+        return None, f"a mask of shape {tuple(mask.shape)} for Lq={q_len}, Lk={kv_len}"
+    if mask.dtype == torch.bool:
+        visible, exact = (mask if bool_true_means == "visible" else ~mask), mask.new_ones((), dtype=torch.bool)
+    elif mask.is_floating_point():
+        hidden = mask <= torch.finfo(mask.dtype).min / 2
+        visible, exact = ~hidden, (hidden | (mask == 0)).all()
+    else:
+        return None, f"an attention mask must be bool or float, got {mask.dtype}"
+    visible = visible.view(1, 1, *visible.shape) if visible.dim() == 2 else visible
+    if visible.shape[0] not in (1, batch):
+        return None, f"a mask for batch {visible.shape[0]}, not {batch}"
+    visible = visible.expand(visible.shape[0], visible.shape[1], q_len, kv_len)
+    first, last, seen, _, spans_ok = _spans(visible[:, 0])
+    exact = exact & spans_ok & (visible == visible[:, :1]).all()
+    # Keys no row sees are hidden for every row: harmless where no span has such a hole.
+    start, end, hidden = first.expand(batch, q_len), last.expand(batch, q_len), (~seen).expand(batch, kv_len)
+    return (start, end, hidden, exact), None
+
+
 class RangeCache:
     """The last few to_ranges() decisions, keyed on the mask tensor: a new mask, or one written to
     in place, is decided again; one rewritten behind its version counter's back is caught (see

@@ -264,3 +264,66 @@ def test_llama_left_padded_batch_in_inference_mode(calls):
         real = mask.bool()
         torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
     assert calls["fused"]
+
+
+def compiled_graph_ops(model, **inputs):
+    """The model compiled (fullgraph, no graph break) and run once: its output and every op its
+    graphs call, torch.cond's branch graphs included."""
+    ops = set()
+
+    def record(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                ops.update(node.target for node in module.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=record, fullgraph=True)(**inputs).logits
+    return out, ops
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["padding", "a mask with holes"])
+def test_masks_inside_torch_compile_pick_fused_or_sdpa_on_the_device(holes):
+    """A left-padded batch's 4-D mask inside torch.compile: its ranges are computed on the device
+    and torch.cond runs the fused call where they express the mask (padding), sdpa where they do
+    not (a hole inside a row); the logits equal sdpa's either way."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    sdpa, ours = pair(LlamaForCausalLM, config)
+    ids = torch.randint(3, 96, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    visible = torch.ones(9, 9, dtype=torch.bool).tril() & mask.bool().view(2, 1, 1, 9)
+    if holes:
+        visible[1, 0, 6, 2] = False  # row 6 of the second sample skips key 2: not one span
+    visible |= torch.eye(9, dtype=torch.bool)  # every row sees itself (no NaN rows in sdpa)
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, attention_mask=visible, use_cache=False).logits
+    got, ops = compiled_graph_ops(ours, input_ids=ids, attention_mask=visible, use_cache=False)  # (a cache breaks the graph)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.ops.higher_order.cond in ops and torch.ops.mmkernels.cross_attention in ops
+
+
+def test_traced_ranges_say_on_the_device_whether_they_express_the_mask():
+    """What torch.cond branches on (above): the ranges of a causal, left-padded mask and True; False
+    for a hole inside a row, a bias, or heads that differ."""
+    from mmkernels.masks import traced_ranges
+
+    visible = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5).clone()
+    visible[0, :, :, :2] = False
+    (start, end, hidden, exact), _ = traced_ranges(visible, 2, 5, 5, bool_true_means="visible")
+    assert bool(exact) and start[0].tolist() == [0, 0, 2, 2, 2] and end[0].tolist() == [0, 0, 3, 4, 5]  # rows 0, 1 see nothing
+    assert end[1].tolist() == [1, 2, 3, 4, 5]
+    assert hidden[0].tolist() == [True, True, False, False, False]
+    holes = visible.clone()
+    holes[1, 0, 4, 2] = False
+    assert not bool(traced_ranges(holes, 2, 5, 5, bool_true_means="visible")[0][3])
+    bias = torch.zeros(2, 1, 5, 5).masked_fill(~visible, float("-inf"))
+    assert bool(traced_ranges(bias, 2, 5, 5, bool_true_means="visible")[0][3])
+    assert not bool(traced_ranges(bias + 0.5, 2, 5, 5, bool_true_means="visible")[0][3])
+    per_head = visible.expand(2, 2, 5, 5).clone()
+    per_head[0, 1, 3, 3] = False
+    assert not bool(traced_ranges(per_head, 2, 5, 5, bool_true_means="visible")[0][3])

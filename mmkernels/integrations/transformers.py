@@ -13,13 +13,17 @@ padded image tokens) and of causal masks with padding. The mask becomes per-row 
 (plus a key_padding_mask for keys no row sees) once per mask tensor, not once per layer (a small
 cache). Causal self-attention without a mask runs the causal kernel. Only what no range can
 express (a bias, holes inside a row, per-head differences, softcap, position bias) goes to
-transformers' own sdpa function, and the reason is logged once at debug level.
+transformers' own sdpa function, and the reason is logged once at debug level. Inside
+torch.compile the mask's values cannot decide anything while tracing: its ranges are computed on
+the device, and torch.cond runs the fused call where they express the mask exactly, sdpa where
+not (with dropout, which torch.cond cannot branch over, sdpa).
 """
 import logging
 import sys
 
+import torch
 
-from mmkernels.masks import SHARED
+from mmkernels.masks import SHARED, traced_ranges
 from mmkernels.ops import cross_attention
 
 NAME = "mmkernels"
@@ -67,6 +71,14 @@ def fused_arguments(module, query, key, attention_mask, dropout, is_causal, kwar
         return dict(causal=bool(causal and Lq > 1), dropout_p=dropout), None
     if attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, :Lk]  # as sdpa does: static caches make longer masks
+    if torch.compiler.is_compiling():
+        if dropout:
+            return None, "a mask inside torch.compile with dropout (torch.cond cannot branch over random draws)"
+        traced, why = traced_ranges(attention_mask, B, Lq, Lk, bool_true_means="visible")
+        if traced is None:
+            return None, why
+        start, end, hidden, exact = traced
+        return dict(kv_start=start, kv_end=end, key_padding_mask=hidden, exact=exact), None
     ranges, why = SHARED(attention_mask, B, Lq, Lk, bool_true_means="visible")
     if ranges is None:
         return None, why
@@ -78,14 +90,28 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers' attention-function signature; returns ((B, Lq, H, D) output, None)."""
     args, why = fused_arguments(module, query, key, attention_mask, dropout, is_causal, kwargs)
     if args is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         _fallback(why)
-        cross = _is_cross_attention(module)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=False if cross else is_causal, **kwargs)
-    out = cross_attention(query, key, value, scale=scaling, **args)
-    return out.transpose(1, 2).contiguous(), None
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs), None
+    exact = args.pop("exact", None)
+    if exact is None:
+        return _fused(query, key, value, scaling, args), None
+    # Inside torch.compile: whether the ranges express the mask is a device value, so the graph
+    # holds both calls and torch.cond runs one.
+    fused = lambda q, k, v, start, end, hidden: _fused(q, k, v, scaling, dict(kv_start=start, kv_end=end, key_padding_mask=hidden))
+    stock = lambda q, k, v, start, end, hidden: _sdpa(module, q, k, v, attention_mask, 0.0, scaling, is_causal, kwargs)
+    return torch.cond(exact, fused, stock, (query, key, value, args["kv_start"], args["kv_end"], args["key_padding_mask"])), None
+
+
+def _fused(query, key, value, scaling, args):
+    return cross_attention(query, key, value, scale=scaling, **args).transpose(1, 2).contiguous()
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cross = _is_cross_attention(module)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False if cross else is_causal, **kwargs)[0]
 
 
 def register() -> None:
