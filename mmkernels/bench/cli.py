@@ -17,10 +17,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 def op_choices() -> list[str]:
     """Every declared op (mmkernels/spec.py), then the whole-layer cases."""
-    from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
+    from mmkernels.bench.models import DecoderTrainCase, GenerateCase, MhaLayerCase, MllamaLayerCase
     from mmkernels.spec import SPECS
 
-    return [*SPECS, MllamaLayerCase.op, DecoderTrainCase.op]
+    return [*SPECS, MllamaLayerCase.op, DecoderTrainCase.op, MhaLayerCase.op, GenerateCase.op]
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--out", help="folder for the CSV and plots (default: a new temporary folder)")
     parser.add_argument("--save", action="store_true",
                         help=f"also merge the rows, case by case, into the checkout's results ({RESULTS})")
+    parser.add_argument("--small", action="store_true",
+                        help="only the small calls: per-call overhead, decoding steps and greedy generation")
     parser.add_argument("--load", action="store_true",
                         help="the attention cases again, with another process keeping one core busy (cpu)")
 
@@ -67,10 +69,13 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.save and not os.path.isdir(RESULTS):
         fail(f"--save merges into a source checkout's benchmarks/results, and there is none at {RESULTS}; use --out")
-    cases = (suites.cuda_cases if device.type == "cuda" else suites.cpu_cases)(args.full)
+    if args.small:
+        cases = suites.small_call_cases()
+    else:
+        cases = (suites.cuda_cases if device.type == "cuda" else suites.cpu_cases)(args.full)
+        if args.load:
+            cases = [c for c in cases if c.op == "cross_attention"]
     cases = [c for c in cases if args.op in (None, c.op)]
-    if args.load:
-        cases = [c for c in cases if c.op == "cross_attention"]
     peaks = measured_peaks(device.type, str(dtype).removeprefix("torch."))
     print(f"mmkernels bench on {report.device_name(device)}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"measured peaks (% peak below is of these): matmul {peaks['TFLOP/s']:.3f} TFLOP/s, copy {peaks['GB/s']:.1f} GB/s")

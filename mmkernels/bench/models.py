@@ -78,11 +78,17 @@ def _mllama_layer(size, device_type, dtype):
     config = MllamaTextConfig(hidden_size=s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                               intermediate_size=s["ffn"], num_hidden_layers=1, cross_attention_layers=[0])
     torch.manual_seed(0)
-    layer = MllamaCrossAttentionDecoderLayer(config, layer_idx=0).to(device_type, dtype).eval()
+    return open_gates(MllamaCrossAttentionDecoderLayer(config, layer_idx=0).to(device_type, dtype).eval())
+
+
+def open_gates(model):
+    """Mllama's cross-attention gates set non-zero: they start at 0, which makes the layers no-ops."""
     with torch.no_grad():
-        layer.cross_attn_attn_gate.fill_(0.8)
-        layer.cross_attn_mlp_gate.fill_(0.5)
-    return layer
+        for layer in model.modules():
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(0.8)
+                layer.cross_attn_mlp_gate.fill_(0.5)
+    return model
 
 
 def mllama_providers(case, device, dtype, full: bool):
@@ -171,3 +177,119 @@ def decoder_providers(case, device, dtype):
         return call
 
     return {"stock": run(stock), "mmkernels": run(patched)}
+
+
+@dataclasses.dataclass
+class MhaLayerCase:
+    """nn.MultiheadAttention against CrossModalAttention.from_module of it (the same weights),
+    in eval under no_grad, as a decoding step of a served model calls it: per-call overhead is
+    the cost at Lq 1."""
+
+    E: int
+    H: int
+    Lq: int
+    Lk: int
+    B: int = 1
+    mode: str = "fwd"
+    memory_only: bool = False
+
+    op = "mha_layer"
+
+    @staticmethod
+    def peers(case, device, dtype, full):
+        from torch import nn
+
+        from mmkernels.nn import CrossModalAttention
+
+        torch.manual_seed(0)
+        stock = nn.MultiheadAttention(case.E, case.H, batch_first=True).to(device, dtype).eval()
+        ours = CrossModalAttention.from_module(stock).to(device, dtype).eval()
+
+        def run(layer):
+            def call(query, memory):
+                with torch.no_grad():
+                    return layer(query, memory, memory, need_weights=False)[0]
+
+            return call
+
+        return {"stock": run(stock), "mmkernels": run(ours)}
+
+    @property
+    def shape(self):
+        return f"B{self.B} E{self.E} H{self.H} Lq{self.Lq} Lk{self.Lk}"
+
+    def inputs(self, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(self.B, self.Lq, self.E, generator=g).to(device, dtype),
+                torch.randn(self.B, self.Lk, self.E, generator=g).to(device, dtype))
+
+    def flops(self, _) -> float:
+        return 2 * self.B * self.E * self.E * (2 * self.Lq + 2 * self.Lk) + 4 * self.B * self.Lq * self.Lk * self.E
+
+
+GENERATE_SIZES = {
+    "tiny": dict(hidden=64, heads=4, kv_heads=2, ffn=96, layers=4, cross=[1, 3], prompt=12, image_tokens=20, vocab=128),
+    "small": dict(hidden=512, heads=8, kv_heads=2, ffn=1536, layers=4, cross=[1, 3], prompt=64, image_tokens=577, vocab=2048),
+}
+
+
+@dataclasses.dataclass
+class GenerateCase:
+    """Greedy generation with a small Mllama text model (self-attention with a KV cache, and
+    cross-attention to one image), transformers' generate(): attn_implementation "sdpa" against
+    "mmkernels". The time is per generated token (the prompt's prefill included, over `tokens`);
+    the generated tokens must be identical."""
+
+    size: str
+    tokens: int = 16
+    mode: str = "fwd"
+    memory_only: bool = False
+    B: int = 1
+
+    op = "generate"
+
+    @staticmethod
+    def peers(case, device, dtype, full):
+        models = {impl: _generation_model(case.size, device.type, dtype, impl) for impl in ("sdpa", "mmkernels")}
+
+        def run(model):
+            def call(ids, images):
+                out = model.generate(input_ids=ids, cross_attention_states=images, max_new_tokens=case.tokens,
+                                     min_new_tokens=case.tokens, do_sample=False)
+                return out[:, ids.shape[1]:].float()
+
+            return call
+
+        return {"transformers-sdpa": run(models["sdpa"]), "mmkernels": run(models["mmkernels"])}
+
+    @property
+    def shape(self):
+        s = GENERATE_SIZES[self.size]
+        return f"{self.size} hidden{s['hidden']} H{s['heads']}/{s['kv_heads']} prompt{s['prompt']} image{s['image_tokens']} +{self.tokens} tokens"
+
+    def inputs(self, device, dtype):
+        s = GENERATE_SIZES[self.size]
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, s["vocab"], (self.B, s["prompt"]), generator=g)
+        images = torch.randn(self.B, s["image_tokens"], s["hidden"], generator=g).to(device, dtype)
+        return ids.to(device), images  # no cross-attention mask: every token sees the image
+
+    def flops(self, _) -> float:
+        s = GENERATE_SIZES[self.size]
+        per_token = 2 * s["layers"] * (4 * s["hidden"] ** 2 + 3 * s["hidden"] * s["ffn"]) + 2 * s["hidden"] * s["vocab"]
+        return per_token * (s["prompt"] + self.tokens) * self.B
+
+
+@functools.cache
+def _generation_model(size, device_type, dtype, implementation):
+    from transformers import MllamaForCausalLM, MllamaTextConfig
+
+    import mmkernels.integrations.transformers as mmt
+
+    mmt.register()
+    s = GENERATE_SIZES[size]
+    config = MllamaTextConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
+                              num_key_value_heads=s["kv_heads"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
+                              cross_attention_layers=s["cross"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return open_gates(MllamaForCausalLM._from_config(config, attn_implementation=implementation).to(device_type, dtype).eval())

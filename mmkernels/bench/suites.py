@@ -6,7 +6,7 @@ from mmkernels.bench.decision_fusion import DecisionCase
 from mmkernels.bench.gated_fusion import GatedFusionCase
 from mmkernels.bench.gated_residual_linear import GatedResidualCase
 from mmkernels.bench.linear_fusion import LinearCase
-from mmkernels.bench.models import DecoderTrainCase, MllamaLayerCase
+from mmkernels.bench.models import DecoderTrainCase, GenerateCase, MhaLayerCase, MllamaLayerCase
 
 
 def mask_cases(device_type: str):
@@ -24,14 +24,24 @@ def mask_cases(device_type: str):
 
 
 def small_call_cases():
-    """Where per-call overhead is the cost: one tiny call (the README's "overhead" rows), and
-    decoding steps, one query row over a full cache, with and without grouped-query heads."""
+    """Where per-call overhead is the cost ("overhead"): one tiny call, a layer at Lq 1 against
+    nn.MultiheadAttention, the fusion ops on one row; and decoding ("decode", "generate"): one
+    query row over a full cache, with and without grouped-query heads, and greedy generation."""
     return [
         AttentionCase(1, 8, 1, 64, 64, padded=False, mode="fwd"),
         AttentionCase(1, 8, 1, 64, 64, padded=False, mode="fwd+bwd"),
         MaskedAttentionCase(1, 32, 32, 1, 1601, 128, "none", mode="fwd"),
         MaskedAttentionCase(1, 32, 8, 1, 1601, 128, "none", mode="fwd"),
         MaskedAttentionCase(8, 32, 8, 1, 4096, 128, "none", mode="fwd"),
+        MhaLayerCase(512, 8, 1, 64),
+        # The fusion ops on one row, against their eager composites.
+        ConcatWeightedFusionCase(3, 1, 768, mode="fwd"),
+        LinearCase(3, 1, 256, 512, mode="fwd"),
+        DecisionCase(3, 1, 1000, mode="fwd"),
+        GatedFusionCase(1, 768, 512, 512, mode="fwd"),
+        GatedResidualCase(1, 1024, 1024, mode="fwd"),
+        GenerateCase("tiny"),
+        GenerateCase("small"),
     ]
 
 

@@ -49,19 +49,14 @@ def mllama(size, device, dtype) -> Recipe:
     from transformers import MllamaTextConfig, MllamaTextModel
 
     from mmkernels.bench.models import SIZES as LAYER_SIZES
-    from mmkernels.bench.models import MllamaLayerCase
+    from mmkernels.bench.models import MllamaLayerCase, open_gates
 
     s = LAYER_SIZES[size]
     layers, cross = (2, [1]) if size == "real" else (4, [1, 3])
     config = MllamaTextConfig(vocab_size=128, hidden_size=s["hidden"], num_attention_heads=s["heads"],
                               num_key_value_heads=s["kv_heads"], intermediate_size=s["ffn"], num_hidden_layers=layers,
                               cross_attention_layers=cross, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = _transformers_model(MllamaTextModel, config, device, dtype)
-    with torch.no_grad():
-        for layer in model.layers:
-            if hasattr(layer, "cross_attn_attn_gate"):
-                layer.cross_attn_attn_gate.fill_(0.8)
-                layer.cross_attn_mlp_gate.fill_(0.5)
+    model = open_gates(_transformers_model(MllamaTextModel, config, device, dtype))
     hidden, images, mask, rows = MllamaLayerCase(size).inputs(torch.device(device), dtype)
     inputs = dict(inputs_embeds=hidden, cross_attention_states=images, cross_attention_mask=mask,
                   full_text_row_masked_out_mask=rows, use_cache=False)
