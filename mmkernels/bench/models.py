@@ -292,4 +292,11 @@ def _generation_model(size, device_type, dtype, implementation):
                               num_key_value_heads=s["kv_heads"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
                               cross_attention_layers=s["cross"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    return open_gates(MllamaForCausalLM._from_config(config, attn_implementation=implementation).to(device_type, dtype).eval())
+    model = open_gates(MllamaForCausalLM._from_config(config, attn_implementation=implementation).to(device_type, dtype).eval())
+    for module in model.modules():
+        if type(module).__name__ == "MllamaTextCrossAttention":
+            # Mllama's cross-attention has no is_causal attribute, and transformers' sdpa path takes
+            # a missing one as True: without a cross-attention mask it would make the prefill's
+            # image attention causal. Real calls pass a mask; here both sides attend as they do.
+            module.is_causal = False
+    return model
