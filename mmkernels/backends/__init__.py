@@ -127,7 +127,17 @@ def requested(backend: str) -> str:
         return _check_name(backend, "backend")
     if _forced.get() is not None:
         return _forced.get()
-    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+    return _check_name(_environment(ENV_VAR) or "auto", ENV_VAR)
+
+
+def _environment(name: str) -> str | None:
+    """os.environ.get(name), without its KeyError when unset (most calls, and costlier than a
+    small kernel's launch): os.environ keeps its values in _data, encoded, on POSIX."""
+    data = getattr(os.environ, "_data", None)
+    if data is None or os.name != "posix":
+        return os.environ.get(name)
+    value = data.get(name.encode())
+    return None if value is None else os.fsdecode(value)
 
 
 def reasons(p: Problem, explicit: bool = False) -> dict[str, str | None]:

@@ -48,7 +48,7 @@ class Problem(NamedTuple):
         """Judged on tensors[0]'s device and dtype, and on the row alignment of all of them
         (which only the cuda backend needs, so it is only looked at on CUDA)."""
         t = tensors[0]
-        aligned = t.device.type != "cuda" or all(map(rows_aligned, tensors))
+        aligned = not t.is_cuda or all(map(rows_aligned, tensors))
         return Problem(op, t.device, t.dtype, head_dim, modalities, aligned)
 
 

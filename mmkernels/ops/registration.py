@@ -23,7 +23,8 @@ from mmkernels.ops import batching, sharding
 from mmkernels.ops.checks import fail
 
 NATIVE = ("cpu", "cuda")  # backends whose kernels validate their arguments in C++
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+_PLAIN = (_TENSOR, _PARAMETER)
 _SCALARS = (type(None), bool, int, float, str)  # never tensors: skips a slow isinstance
 
 
@@ -191,12 +192,21 @@ def _route(args) -> str:
             or torch.autograd._profiler_enabled()):  # a profile names the mmkernels:: operators, as a user reads it
         return INTERCEPT
     grad = False
-    for a in args:
-        for t in (a if type(a) in (list, tuple) else (a,)):
-            if type(t) in _PLAIN:
-                grad = grad or t.requires_grad
-            elif type(t) not in _SCALARS and isinstance(t, torch.Tensor):
-                return INTERCEPT
+    for a in args:  # the flat arguments first, without building a tuple per argument
+        kind = type(a)
+        if kind is _TENSOR or kind is _PARAMETER:
+            grad = grad or a.requires_grad
+        elif kind in _SCALARS:
+            continue
+        elif kind is list or kind is tuple:
+            for t in a:
+                kind = type(t)
+                if kind is _TENSOR or kind is _PARAMETER:
+                    grad = grad or t.requires_grad
+                elif kind not in _SCALARS and isinstance(t, torch.Tensor):
+                    return INTERCEPT
+        elif isinstance(a, torch.Tensor):
+            return INTERCEPT
     if peek_interpreter_stack() is not None:
         return TRANSFORMED
     return GRAD if grad and torch.is_grad_enabled() else NO_GRAD
