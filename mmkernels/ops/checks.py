@@ -30,7 +30,9 @@ def fail(message: str):
 def is_fake(t) -> bool:
     """A tensor without data (torch.compile's fake tensors, meta tensors): only its metadata can
     be checked."""
-    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t))
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # the common case, without is_fake's unwrapping
+        return t.is_meta
+    return isinstance(t, torch.Tensor) and (t.is_meta or torch._subclasses.fake_tensor.is_fake(t))
 
 
 def check_float(name: str, t):

@@ -1,8 +1,10 @@
 """decision_fusion: late fusion of per-modality predictions."""
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from mmkernels.backends.base import Problem, acc_dtype
 from mmkernels.limits import MAX_MODALITIES
@@ -46,12 +48,7 @@ def decision_fusion(logits: Sequence[Tensor], weights: Tensor | None = None, *, 
             fail(f"weights must be a float tensor on the logits' device ({logits[0].device}), got {got}")
         if tuple(weights.shape) != (M,):
             fail(f"weights must have shape ({M},), one per modality, got {tuple(weights.shape)}")
-        plain = every_sample(weights)
-        valid = (plain >= 0).all() & torch.isfinite(plain).all() & every_sample(weights.sum() > 0).all()
-        if not values_free(weights):  # a device-side assert (in the graph, while tracing): no host sync
-            torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
-        elif not bool(valid):
-            fail(f"weights must be finite and >= 0 with a positive sum, got {plain.tolist()}")
+        check_weights(weights)
         w = weights.to(acc) / weights.to(acc).sum()
     rows = [as_rows(f"logits[{i}]", t) for i, t in enumerate(logits)]
     out = _op(rows, w, mode == "prob", backend=backend)
@@ -71,6 +68,22 @@ def check_backward_operator(grad_out, logits, weights, prob):
     check_operator(logits, weights, prob)
     check_shape("grad_out", grad_out, tuple(logits[0].shape), "logits[0]", logits[0])
     check_last_dim_contiguous("grad_out", grad_out)
+
+
+def check_weights(weights):
+    """Finite, >= 0, a positive sum: read on the host where that is free (M numbers, cheaper in
+    Python than the tensor ops on one row's call), else by a device-side assert (no sync)."""
+    if values_free(weights) and not is_functorch_wrapped_tensor(weights):
+        values = weights.tolist()
+        if not (all(math.isfinite(x) and x >= 0 for x in values) and sum(values) > 0):
+            fail(f"weights must be finite and >= 0 with a positive sum, got {values}")
+        return
+    plain = every_sample(weights)  # under vmap: every sample's weights
+    valid = (plain >= 0).all() & torch.isfinite(plain).all() & every_sample(weights.sum() > 0).all()
+    if not values_free(weights):  # a device-side assert (in the graph, while tracing): no host sync
+        torch._assert_async(valid, "decision_fusion: weights must be finite and >= 0 with a positive sum")
+    elif not bool(valid):
+        fail(f"weights must be finite and >= 0 with a positive sum, got {plain.tolist()}")
 
 
 def _problem(logits, *rest):
