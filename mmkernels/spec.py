@@ -84,8 +84,7 @@ class OpSpec:
     output gradients lead the backward's arguments. example(): small CPU arguments of the public
     function, for the completeness test's opcheck. shared: the tensor arguments every row shares
     (weights, the dropout seed); every other tensor leads with the batch or rows, into which vmap
-    folds its dim (mmkernels/ops/batching.py). keeps_dtype: the floating arguments torch.autocast
-    leaves in their dtype (mmkernels/ops/registration.py autocast). heads: the arguments with a
+    folds its dim (mmkernels/ops/batching.py). heads: the arguments with a
     head dim at 1, which DTensor may shard (mmkernels/ops/sharding.py)."""
 
     name: str
@@ -102,7 +101,6 @@ class OpSpec:
     example: Callable
     grads: int = 1
     shared: tuple[str, ...] = ()
-    keeps_dtype: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
 
     @property

@@ -49,6 +49,18 @@ def test_every_op_runs_in_the_autocast_dtype(op):
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
 
 
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.__name__)
+def test_mixed_dtypes_are_settled_on_every_op(op):
+    """bf16 activations next to fp32 weights (every other input in bf16): refused outside
+    autocast where the op needs one dtype, run in the autocast dtype inside it."""
+    f, inputs, _ = make(op)
+    mixed = [t.to(AUTOCAST) if i % 2 else t.float() for i, t in enumerate(inputs)]
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        out = f(*mixed)
+    assert out.dtype == AUTOCAST
+    torch.testing.assert_close(out, f(*(t.to(AUTOCAST) for t in inputs)))
+
+
 def test_float64_is_left_alone():
     q = torch.randn(1, 1, 3, 4, dtype=torch.float64)
     with torch.autocast("cpu", dtype=AUTOCAST):

@@ -140,3 +140,21 @@ def test_vmap_folds_into_one_kernel_call(monkeypatch):
 def test_fold_keeps_a_leading_vmapped_dim_a_view():
     x = torch.randn(N, 4, 6)
     assert fold(x, 0, N)._base is x or fold(x, 0, N).data_ptr() == x.data_ptr()
+
+
+def test_vmap_of_a_dropout_backward_regenerates_each_samples_mask():
+    """Per-sample cotangents through a dropout forward (vmap over vjp's pullback): each sample's
+    backward must use the forward's mask, so dropout never folds samples into the batch."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 3, 8, generator=g) for _ in range(3))
+    torch.manual_seed(5)
+    _, pullback = vjp(lambda q: mmkernels.cross_attention(q, k, v, dropout_p=0.5), q)
+    cotangents = torch.randn(N, *q.shape, generator=g)
+    got = vmap(pullback, randomness="different")(cotangents)[0]
+    for n in range(N):
+        torch.testing.assert_close(got[n], pullback(cotangents[n])[0])
+
+
+def test_vmap_over_no_samples():
+    q, k = torch.randn(0, 1, 2, 3, 4), torch.randn(0, 1, 2, 5, 4)
+    assert vmap(lambda q, k: mmkernels.cross_attention(q, k, k))(q, k).shape == (0, 1, 2, 3, 4)

@@ -142,3 +142,19 @@ def test_errors_name_the_argument(change, message):
     args.update(change)
     with pytest.raises(mmkernels.InvalidInput, match=message):
         mmkernels.varlen_attention(**args)
+
+
+@pytest.mark.parametrize("mask, same_as", [(dict(window_size=(-1, 2**31 - 1)), dict()),
+                                           (dict(causal=True, window_size=(2**32, -1)), dict(causal=True))])
+def test_windows_wider_than_any_sequence_are_unbounded(mask, same_as):
+    """Window sides past the int32 range: no wrap-around in the index math."""
+    q, k, v, cu_q, cu_k, mq, mk = packed([5, 9], [7, 3])
+    torch.testing.assert_close(mmkernels.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **mask),
+                               flash_rules_varlen(q, k, v, cu_q, cu_k, **same_as))
+
+
+def test_max_seqlen_as_transformers_passes_it():
+    """A one-element tensor (transformers' max_length_q), or a NumPy-like integer."""
+    q, k, v, cu_q, cu_k, mq, mk = packed([4, 6], [4, 6])
+    out = mmkernels.varlen_attention(q, k, v, cu_q, cu_k, torch.tensor(mq), torch.tensor([mk]))
+    torch.testing.assert_close(out, flash_rules_varlen(q, k, v, cu_q, cu_k))

@@ -6,14 +6,14 @@ tensor lists).
 Every tensor argument of every op leads with that dim except the ones all rows share, the ops'
 weights and the dropout seed (OpSpec.shared). A batched shared argument (vmap over an ensemble's
 weights, say) cannot fold, nor can a backward that returns a shared argument's gradient (one sum
-per sample, not one over all rows), nor dropout unless vmap asks for different randomness per
-sample (a folded call draws each sample's mask apart; a sample's own call would draw the one
-an unbatched call draws): those run the op once per sample, which is what vmap means, at the
-cost of N calls. An unbatched per-row argument next to batched ones is expanded to N copies."""
+per sample, not one over all rows), nor dropout (a folded call keys each sample's draw on
+its folded batch index, not on the index its own call, forward or backward, keys it on): those
+run the op once per sample, which is what vmap means, at the cost of N calls. An unbatched per-row argument next to batched ones is expanded to N copies."""
 import torch
 import torch.utils._pytree as pytree
 
 from mmkernels import schemas
+from mmkernels.ops.checks import fail
 
 
 def arg_names(signature: str) -> list[str]:
@@ -34,19 +34,37 @@ def register(spec) -> None:
 def rule(op, names, shared, foldable):
     dropout = names.index("dropout_p") if "dropout_p" in names else None
 
-    def folds(info, dims, args) -> bool:
+    def folds(dims, args) -> bool:
         if not foldable or any(is_batched(dims.get(name)) for name in shared):
             return False
-        return dropout is None or not args[dropout] > 0 or info.randomness == "different"
+        return dropout is None or not args[dropout] > 0
 
     def batched(info, in_dims, *args):
         n = info.batch_size
-        if not folds(info, dict(zip(names, in_dims)), args):
+        if not folds(dict(zip(names, in_dims)), args):
+            if n == 0:
+                fail(f"{op}: vmap over 0 samples needs a foldable call (no batched weight, no dropout)")
             return per_sample(op, n, args, in_dims), 0
+        lead = leading_size(names, shared, args, in_dims)
         folded = [a if name in shared else fold(a, d, n) for name, a, d in zip(names, args, in_dims)]
-        return pytree.tree_map(lambda t: t.unflatten(0, (n, t.shape[0] // n)), op(*folded)), 0
+        return pytree.tree_map(lambda t: t.unflatten(0, (n, lead)), op(*folded)), 0
 
     return batched
+
+
+def leading_size(names, shared, args, in_dims) -> int:
+    """The batch (or rows) of one sample: every output leads with it, as the per-row inputs do."""
+    for name, a, d in zip(names, args, in_dims):
+        if name in shared:
+            continue
+        pairs = zip(a, d if isinstance(d, (list, tuple)) else [d] * len(a)) if isinstance(a, (list, tuple)) else [(a, d)]
+        for t, dim in pairs:
+            if isinstance(t, torch.Tensor):
+                shape = list(t.shape)
+                if dim is not None:
+                    del shape[dim]
+                return shape[0]
+    raise AssertionError("every op has a per-row tensor")
 
 
 def is_batched(dim) -> bool:

@@ -5,10 +5,11 @@ from torch import Tensor
 from mmkernels.backends.base import Problem, stats_shape
 from mmkernels.ops.checks import check_index_values, check_last_dim_contiguous, check_shape, fail
 from mmkernels.ops.cross_attention import ATTENTION_BACKENDS, apply_scale, check_attention_inputs
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import OpSpec
 
 
+@autocasts()
 def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, *,
                  lengths_a: Tensor | None = None, lengths_b: Tensor | None = None, kv_start_a: Tensor | None = None,
                  kv_end_a: Tensor | None = None, kv_start_b: Tensor | None = None, kv_end_b: Tensor | None = None,

@@ -17,12 +17,13 @@ from mmkernels.ops.checks import (
     check_tensor_list,
     fail,
 )
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import HALVES_AND_FLOAT32, Capability, OpSpec
 
 OUTPUTS = ("sum", "concat")
 
 
+@autocasts()
 def concat_weighted_fusion(features: Sequence[Tensor], weight: Tensor, bias: Tensor | None = None, *,
                            values: Sequence[Tensor] | None = None, output: str = "sum", backend: str | None = None) -> Tensor:
     """Softmax-weighted fusion of M modalities.

@@ -19,10 +19,11 @@ from mmkernels.ops.checks import (
     check_shape,
     fail,
 )
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import HALVES, HALVES_AND_FLOAT32, Capability, OpSpec
 
 
+@autocasts()
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_lengths: Tensor | None = None,
                     key_padding_mask: Tensor | None = None, q_lengths: Tensor | None = None, kv_start: Tensor | None = None,
                     kv_end: Tensor | None = None, causal: bool = False, dropout_p: float = 0.0,

@@ -18,12 +18,13 @@ from mmkernels.ops.checks import (
     fail,
     values_free,
 )
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import HALVES_AND_FLOAT32, Capability, OpSpec
 
 MODES = ("prob", "logit")
 
 
+@autocasts(keep=("weights",))
 def decision_fusion(logits: Sequence[Tensor], weights: Tensor | None = None, *, mode: str = "prob",
                     backend: str | None = None) -> Tensor:
     """Weighted mean of M per-modality predictions, each (..., C).
@@ -121,7 +122,7 @@ def _example():
 _op = register_op(OpSpec(
     name="decision_fusion", function=decision_fusion, layer="DecisionFusion", problem=_problem, check=check_operator,
     check_backward=check_backward_operator, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-    backward=_autograd_backward, example=_example, shared=("weights",), keeps_dtype=("weights",),
+    backward=_autograd_backward, example=_example, shared=("weights",),
     backends={
         "reference": Capability(),
         "cpu": Capability(),

@@ -13,10 +13,11 @@ from mmkernels.ops.checks import (
     check_shape,
     fail,
 )
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import OpSpec, composite_fusion_backends
 
 
+@autocasts()
 def gated_fusion(x_a: Tensor, x_b: Tensor, weight_a: Tensor, weight_b: Tensor, weight_z: Tensor, bias_a: Tensor | None = None,
                  bias_b: Tensor | None = None, bias_z: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """h = z * tanh(x_a W_a^T + b_a) + (1 - z) * tanh(x_b W_b^T + b_b), z = sigmoid([x_a; x_b] W_z^T + b_z).

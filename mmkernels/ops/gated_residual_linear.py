@@ -13,10 +13,11 @@ from mmkernels.ops.checks import (
     check_shape,
     fail,
 )
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import OpSpec, composite_fusion_backends
 
 
+@autocasts()
 def gated_residual_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None = None, *, gate: Tensor,
                           row_mask: Tensor | None = None, backend: str | None = None) -> Tensor:
     """x + tanh(gate) * row_mask * (h @ weight.T + bias): Flamingo / IDEFICS / Llama 3.2 Vision's

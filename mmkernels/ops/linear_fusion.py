@@ -13,10 +13,11 @@ from mmkernels.ops.checks import (
     check_tensor_list,
     fail,
 )
-from mmkernels.ops.registration import register_op
+from mmkernels.ops.registration import autocasts, register_op
 from mmkernels.spec import OpSpec, composite_fusion_backends
 
 
+@autocasts()
 def linear_fusion(features, weights, bias=None, *, activation=None, backend=None):
     """act(sum_m features[m] @ weights[m].T + bias) without building concat(features).
 

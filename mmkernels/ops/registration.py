@@ -12,11 +12,13 @@ tensors), `call` picks the backend once and runs its kernel directly, through on
 autograd.Function when a gradient is wanted (which also makes torch.func.grad/vjp work). The
 C++ kernels check everything they index, so on the cpu and cuda backends the Python checks run
 only when the kernel refuses, to raise with the argument's name; elsewhere they run first."""
+import functools
+import inspect
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, peek_interpreter_stack
 
-from mmkernels import schemas
 from mmkernels import spec as specs
 from mmkernels.backends import choose, kernel
 from mmkernels.ops import batching, sharding
@@ -155,19 +157,15 @@ def register_op(spec: "specs.OpSpec"):
 
     autograd = {GRAD: ListsEager, TRANSFORMED: ListsFunction} if spec.lists else {GRAD: Eager, TRANSFORMED: Function}
 
-    keep = {i for i, arg in enumerate(batching.arg_names(schemas.SCHEMAS[name][0])) if arg in spec.keeps_dtype}
-
     def call(*args, backend=None):
-        if torch._C._is_any_autocast_enabled():
-            args = autocast(args, keep)
         refuse_forward_ad(name, args)
         route = _route(args)
-        chosen = choose(problem(*args), backend or "")
         if route is INTERCEPT:
             sharding.register_if_distributed()  # a DTensor may be among the arguments
-            if spec.lists and sharding.dtensors(args):
-                return sharding.on_shards(spec, call, args, backend)
-            return op(*args, chosen)
+            if sharding.dtensors(args):
+                return sharding.distributed(spec, op, call, args, backend)
+            return op(*args, choose(problem(*args), backend or ""))
+        chosen = choose(problem(*args), backend or "")
         if route is NO_GRAD:
             return run(chosen, args)
         if spec.lists:
@@ -212,14 +210,31 @@ def _route(args) -> str:
     return GRAD if grad and torch.is_grad_enabled() else NO_GRAD
 
 
-def autocast(args, keep=()):
-    """Autocast's policy for the ops, SDPA's: inside torch.autocast for the inputs' device, every
-    floating tensor argument but float64 (and those at the indices in keep) runs in the autocast
-    dtype, which also settles mixed q/k/v dtypes as SDPA does. The casts are ordinary tensor ops:
-    gradients flow back to the inputs in their own dtypes."""
-    first = next(_tensors(args), None)
+def autocasts(*, keep=()):
+    """A public function's decorator: inside torch.autocast for its inputs' device, the function
+    gets every floating tensor argument but float64 (and those named in keep) in the autocast
+    dtype, SDPA's policy, before its own checks, so mixed dtypes (bf16 activations, fp32
+    weights; a bf16 q with fp32 k/v) are settled as autocast settles them. The casts are
+    ordinary tensor ops: gradients flow back to the inputs in their own dtypes."""
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+        positions = {names.index(k) for k in keep}
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if torch._C._is_any_autocast_enabled():
+                args, kwargs = _autocast(args, kwargs, positions, keep)
+            return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def _autocast(args, kwargs, keep_positions, keep_names):
+    first = next(_tensors([*args, *kwargs.values()]), None)
     if first is None or not torch.is_autocast_enabled(first.device.type):
-        return args
+        return args, kwargs
     dtype = torch.get_autocast_dtype(first.device.type)
 
     def cast(a):
@@ -229,7 +244,8 @@ def autocast(args, keep=()):
             return a.to(dtype)
         return a
 
-    return tuple(a if i in keep else cast(a) for i, a in enumerate(args))
+    return (tuple(a if i in keep_positions else cast(a) for i, a in enumerate(args)),
+            {k: a if k in keep_names else cast(a) for k, a in kwargs.items()})
 
 
 def _validated(fn, chosen, check, args):

@@ -9,8 +9,8 @@
   alike, so each rank's query heads find their grouped-query key/value heads on the same rank
   when the ranks divide Hkv.
 
-With dropout only the replicated strategy is offered: a rank's kernel keys its dropout draw on
-local batch and head indices, so a sharded call would not draw the mask one process draws.
+Attention dropout over DTensors is refused (see distributed()). The heads strategy is offered
+only where the mesh divides every head count.
 
 Registered when an op is first called eagerly with torch.distributed.tensor loaded (or at import
 if it already is), so `import mmkernels` does not import torch.distributed; torch.compile does
@@ -76,13 +76,12 @@ def strategies(spec, names, output_names):
     def fn(*args):
         replicate = lambda name: Replicate()
         options = [(outputs(args, replicate), placements(args, replicate))]
-        dropout = args[names.index("dropout_p")] if "dropout_p" in names else 0.0
-        if dropout > 0:
-            return options
         by_rows = lambda name: Replicate() if name in shared else Shard(0)
         grad_by_rows = lambda name: Partial() if name in shared else Shard(0)
         options.append((outputs(args, grad_by_rows), placements(args, by_rows)))
-        if heads:
+        head_specs = [a for name, a in zip(names, args) if name in heads and isinstance(a, DTensorSpec)]
+        # Uneven head shards would pair query heads with another group's key/value heads.
+        if head_specs and all(a.shape[1] % a.mesh.size() == 0 for a in head_specs):
             options.append((outputs(args, lambda name: Shard(1)), placements(args, lambda name: Shard(1) if name in heads else Replicate())))
         return options
 
@@ -95,6 +94,23 @@ def dtensors(args) -> list:
     if module is None:
         return []
     return [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, module.DTensor)]
+
+
+def distributed(spec, op, call, args, backend):
+    """An op over DTensor arguments: through the registered strategies, or on_shards for the
+    ops that take lists. Attention dropout is refused: DTensor caches a sharding decision
+    without the dropout rate, and a sharded call would key its draw on each rank's local batch
+    and head indices, so no placement reproduces one process's mask."""
+    from mmkernels.backends import choose
+    from mmkernels.ops.checks import fail
+
+    names = arg_names(schemas.SCHEMAS[spec.name][0])
+    if "dropout_p" in names and args[names.index("dropout_p")] > 0:
+        fail(f"mmkernels.{spec.name} does not take DTensor inputs with dropout_p > 0 yet; pass local tensors "
+             "(to_local()) or dropout_p=0")
+    if spec.lists:
+        return on_shards(spec, call, args, backend)
+    return op(*args, choose(spec.problem(*args), backend or ""))
 
 
 def on_shards(spec, call, args, backend):

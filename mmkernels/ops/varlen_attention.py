@@ -7,6 +7,8 @@ sequence's edges: each row sees one span of keys, which the kernels walk tile by
 query block never loads another sequence's keys. The packed tensors are taken as they are
 ((total, H, D) viewed as (1, H, total, D), no copy), and the ranges are computed on the device
 (no host sync)."""
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -26,8 +28,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     bottom-right); window_size (left, right): keys i + Lk - Lq - left <= j <= i + Lk - Lq + right,
     a negative side unbounded; causal sets right to 0. A row that sees no key, and every row past
     cu_seqlens_q[-1], outputs 0 and passes no gradient. dropout_p and softmax_scale (D ** -0.5 by
-    default) as in cross_attention. max_seqlen_q/_k are accepted for flash-attn's signature and
-    checked to be non-negative ints; the kernels size their work from the ranges instead.
+    default) as in cross_attention. max_seqlen_q/_k are accepted for flash-attn's signature (ints,
+    or one-element tensors as transformers passes them); the kernels size their work from the
+    ranges instead.
     Returns (total_q, Hq, D), contiguous, in q's dtype."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
@@ -49,15 +52,16 @@ def packed_ranges(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tot
         fail(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got {cu_seqlens_q.numel() - 1} "
              f"and {cu_seqlens_k.numel() - 1}")
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            fail(f"{name} must be a non-negative int, got {n!r}")
+        check_max_seqlen(name, n)
     if not (isinstance(causal, bool) and isinstance(window_size, (tuple, list)) and len(window_size) == 2
             and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
         fail(f"causal must be a bool and window_size a pair of ints (left, right), got {causal!r} and {window_size!r}")
     total_q = q.shape[0]
     check_offsets("cu_seqlens_q", cu_seqlens_q, total_q)
     check_offsets("cu_seqlens_k", cu_seqlens_k, total_k)
-    left, right = window_size
+    # A window wider than every sequence is unbounded; clamped here, it cannot overflow the index math.
+    widest = max(total_q, total_k) + 1
+    left, right = (min(w, widest) for w in window_size)
     if causal:
         right = 0
 
@@ -77,6 +81,19 @@ def packed_ranges(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tot
     kv_start = torch.where(inside, k_start + lo, empty)
     kv_end = torch.where(inside & (hi > lo), k_start + hi, empty)
     return kv_start.unsqueeze(0), kv_end.unsqueeze(0)
+
+
+def check_max_seqlen(name, n):
+    """An int-like (a Python or NumPy int, a SymInt under torch.compile, a one-element integer
+    tensor as transformers passes it); only checked, since the ranges size the kernels' work."""
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.is_floating_point() or n.is_complex():
+            fail(f"{name} must be an int or a one-element integer tensor, got {n.dtype} of shape {tuple(n.shape)}")
+        return
+    if isinstance(n, torch.SymInt):
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        fail(f"{name} must be a non-negative int, got {n!r}")
 
 
 def check_offsets(name, cu, total):
