@@ -13,7 +13,7 @@ SUPPORT_START, SUPPORT_END = "<!-- support:start -->", "<!-- support:end -->"
 PROFILE_START, PROFILE_END = "<!-- profile:start -->", "<!-- profile:end -->"
 EFFICIENCY_START, EFFICIENCY_END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
 EFFICIENCY_JSON = os.path.join(ROOT, "benchmarks", "results", "efficiency.json")
-PEERS = ["eager", "sdpa", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
+PEERS = ["eager", "sdpa", "sdpa-loop", "sdpa-math", "sdpa-flash", "sdpa-cudnn", "flex", "compile", "flash-attn", "transformers-sdpa", "stock"]
 
 
 def ratio_cell(ratio: float) -> str:

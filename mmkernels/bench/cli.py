@@ -18,9 +18,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def op_choices() -> list[str]:
     """Every declared op (mmkernels/spec.py), then the whole-layer cases."""
     from mmkernels.bench.models import DecoderTrainCase, GenerateCase, MhaLayerCase, MllamaLayerCase
+    from mmkernels.bench.varlen_attention import VarlenCase
     from mmkernels.spec import SPECS
 
-    return [*SPECS, MllamaLayerCase.op, DecoderTrainCase.op, MhaLayerCase.op, GenerateCase.op]
+    return [*SPECS, MllamaLayerCase.op, DecoderTrainCase.op, MhaLayerCase.op, GenerateCase.op, VarlenCase.op]
 
 
 def add_arguments(parser: argparse.ArgumentParser):

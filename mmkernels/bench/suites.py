@@ -7,6 +7,7 @@ from mmkernels.bench.gated_fusion import GatedFusionCase
 from mmkernels.bench.gated_residual_linear import GatedResidualCase
 from mmkernels.bench.linear_fusion import LinearCase
 from mmkernels.bench.models import DecoderTrainCase, GenerateCase, MhaLayerCase, MllamaLayerCase
+from mmkernels.bench.varlen_attention import VarlenCase
 
 
 def mask_cases(device_type: str):
@@ -63,6 +64,9 @@ def cpu_cases(full: bool):
         GatedResidualCase(8192, 1024, 1024, mode="fwd+bwd"),
         CoAttentionCase(2, 8, 64, 256, 64, mode="fwd"),
         *mask_cases("cpu"),
+        # Packed sequences (flash-attn's varlen layout): 8 documents of 64 to 512 tokens.
+        VarlenCase((512, 64, 300, 128, 450, 96, 200, 350), 8, 64, mode="fwd"),
+        VarlenCase((512, 64, 300, 128, 450, 96, 200, 350), 8, 64, mode="fwd+bwd"),
     ]
     # Sweeps for the plots: speed-up and memory against key length.
     for Lk in (256, 512, 2048) + ((4096,) if full else ()):
