@@ -13,6 +13,7 @@ import test_cross_attention
 import test_decision_fusion
 import test_linear_fusion
 import test_hostile_inputs
+import test_varlen_attention
 from attention_cases import EDGE_CASES, Case
 from fusion_cases import FusionCase
 from tolerance import check_against_composite
@@ -84,6 +85,26 @@ def test_hidden_keys_never_influence_anything(backend, kind, poison):
 
 
 @COMPILED_TRITON
+@COMPILED_TRITON
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_varlen_attention_matches_flash_rules(backend, dtype):
+    """Packed sequences (one empty, one past a tile) with a causal window, GQA 8/1, forward and
+    backward, against flash-attn's rules in fp64."""
+    runs(backend, lambda: test_varlen_attention.test_half_precision(dtype, backend=backend, device="cuda"),
+         "cross_attention", dtype, 64)
+
+
+@COMPILED_TRITON
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_vmap_folds_attention_into_one_launch(backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, n, 64, generator=g).to("cuda", torch.float16) for n in (17, 70, 70))
+    f = lambda q, k, v: mmkernels.cross_attention(q, k, v, backend=backend)
+    got = runs(backend, lambda: torch.vmap(f)(q, k, v), "cross_attention", torch.float16, 64)
+    torch.testing.assert_close(got, torch.stack([f(q[i], k[i], v[i]) for i in range(3)]))
+
+
 @pytest.mark.parametrize("kind", ["causal", "ranges"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_keys_hidden_from_some_rows_reach_only_the_rows_that_see_them(backend, kind):

@@ -20,10 +20,10 @@ def flash_rules_attention(q, k, v, causal=False, window_size=(-1, -1), softmax_s
     left, right = window_size
     if causal:
         right = 0
-    row = torch.arange(Lq).view(-1, 1)
-    col = torch.arange(Lk).view(1, -1)
+    row = torch.arange(Lq, device=q.device).view(-1, 1)
+    col = torch.arange(Lk, device=q.device).view(1, -1)
     diagonal = row + Lk - Lq
-    hidden = torch.zeros(Lq, Lk, dtype=torch.bool)
+    hidden = torch.zeros(Lq, Lk, dtype=torch.bool, device=q.device)
     if right >= 0:
         hidden |= col > diagonal + right
     if left >= 0:
@@ -42,14 +42,14 @@ def flash_rules_varlen(q, k, v, cu_q, cu_k, **kw):
     return out
 
 
-def packed(q_lens, k_lens, Hq=4, Hkv=2, D=16, extra_q=0, dtype=torch.float32, seed=0):
+def packed(q_lens, k_lens, Hq=4, Hkv=2, D=16, extra_q=0, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(int(cu_q[-1]) + extra_q, Hq, D, generator=g).to(dtype)
-    k = torch.randn(int(cu_k[-1]), Hkv, D, generator=g).to(dtype)
-    v = torch.randn(int(cu_k[-1]), Hkv, D, generator=g).to(dtype)
-    return q, k, v, cu_q, cu_k, max(q_lens), max(k_lens)
+    q = torch.randn(int(cu_q[-1]) + extra_q, Hq, D, generator=g).to(device, dtype)
+    k = torch.randn(int(cu_k[-1]), Hkv, D, generator=g).to(device, dtype)
+    v = torch.randn(int(cu_k[-1]), Hkv, D, generator=g).to(device, dtype)
+    return q, k, v, cu_q.to(device), cu_k.to(device), max(q_lens), max(k_lens)
 
 
 def outputs_and_grads(fn, q, k, v, grad):
@@ -87,11 +87,12 @@ def test_matches_flash_attn_rules(backend, lens, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision(dtype):
-    q, k, v, cu_q, cu_k, mq, mk = packed([5, 33], [47, 12], Hq=8, Hkv=1, D=64, dtype=dtype)
+def test_half_precision(dtype, backend="cpu", device="cpu"):
+    """(tests/test_gpu.py runs this on the GPU backends.)"""
+    q, k, v, cu_q, cu_k, mq, mk = packed([5, 33, 0, 70], [47, 12, 9, 70], Hq=8, Hkv=1, D=64, dtype=dtype, device=device)
     grad = torch.randn_like(q)
     kw = dict(causal=True, window_size=(16, -1), softmax_scale=0.2)
-    out, grads = outputs_and_grads(lambda q, k, v: mmkernels.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend="cpu", **kw),
+    out, grads = outputs_and_grads(lambda q, k, v: mmkernels.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend=backend, **kw),
                                    q, k, v, grad)
     ref, ref_grads = outputs_and_grads(lambda q, k, v: flash_rules_varlen(q, k, v, cu_q, cu_k, **kw),
                                        q.double(), k.double(), v.double(), grad.double())
