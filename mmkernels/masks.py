@@ -91,8 +91,9 @@ def _visible_async(mask, bool_true_means):
 def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str,
               decided_holes: bool | None = None):
     """A 2-D (Lq, Lk), 3-D (B or B*H, Lq, Lk) or 4-D (B or 1, 1 or H, Lq or 1, Lk) mask ->
-    ((kv_start, kv_end, key_padding_mask), None) for the kernels (see interval_ranges), or
-    (None, why not). decided_holes: recompute a decided mask's ranges without a sync."""
+    ((kv_start, kv_end, key_padding_mask), None) for the kernels (see interval_ranges; for one
+    query row the ranges are None and the mask is all key padding), or (None, why not).
+    decided_holes: recompute a decided mask's ranges without a sync."""
     if mask.shape[-1] != kv_len or mask.shape[-2] not in (1, q_len):
         return None, f"a mask of shape {tuple(mask.shape)} for Lq={q_len}, Lk={kv_len}"
     if decided_holes is not None:
@@ -111,6 +112,11 @@ def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_t
         return None, f"a {visible.dim()}-D mask"
     if visible.shape[0] not in (1, batch):
         return None, f"a mask for batch {visible.shape[0]}, not {batch}"
+    if q_len == 1 and visible.shape[1] == 1:
+        # One query row (a decoding step): any set of visible keys is a key padding mask; no
+        # span to decide, nothing to assert.
+        hidden = ~visible[:, 0, 0]
+        return (None, None, hidden if hidden.shape[0] == batch else hidden.expand(batch, kv_len)), None
     visible = visible.expand(visible.shape[0], visible.shape[1], q_len, kv_len)
     ranges, why = interval_ranges(visible, decided_holes)
     if ranges is None:

@@ -327,3 +327,23 @@ def test_traced_ranges_say_on_the_device_whether_they_express_the_mask():
     per_head = visible.expand(2, 2, 5, 5).clone()
     per_head[0, 1, 3, 3] = False
     assert not bool(traced_ranges(per_head, 2, 5, 5, bool_true_means="visible")[0][3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32], ids=["bool", "additive"])
+def test_a_decoding_steps_mask_is_key_padding(dtype, calls):
+    """One query row: any visible set, holes included, is a key_padding_mask (no ranges to decide),
+    for a per-sample mask and for one shared by the batch; the output equals sdpa's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module:
+        is_causal, num_key_value_groups = True, 4
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 8, 16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 2, 12, 16, generator=g) for _ in range(2))
+    for visible in (torch.rand(2, 1, 1, 12, generator=g) > 0.4, torch.rand(1, 1, 1, 12, generator=g) > 0.4):
+        visible[..., 0] = True  # no empty row (sdpa would give NaN there, we 0)
+        mask = visible if dtype == torch.bool else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+        got = mmt.attention_forward(Module(), q, k, v, mask, scaling=0.25)[0]
+        torch.testing.assert_close(got, sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.25)[0])
+        assert calls["fused"][-1]["kv_start"] is None and calls["fused"][-1]["key_padding_mask"].shape == (2, 12)
