@@ -244,8 +244,7 @@ class GenerateCase:
     tokens: int = 16
     mode: str = "fwd"
     memory_only: bool = False
-    B: int = 1
-
+    padded: bool = False  # a batch of two prompts, the second left-padded: every step gets a mask
     op = "generate"
 
     @staticmethod
@@ -253,9 +252,9 @@ class GenerateCase:
         models = {impl: _generation_model(case.size, device.type, dtype, impl) for impl in ("sdpa", "mmkernels")}
 
         def run(model):
-            def call(ids, images):
-                out = model.generate(input_ids=ids, cross_attention_states=images, max_new_tokens=case.tokens,
-                                     min_new_tokens=case.tokens, do_sample=False)
+            def call(ids, images, attention_mask):
+                out = model.generate(input_ids=ids, cross_attention_states=images, attention_mask=attention_mask,
+                                     max_new_tokens=case.tokens, min_new_tokens=case.tokens, do_sample=False)
                 return out[:, ids.shape[1]:].float()
 
             return call
@@ -263,16 +262,24 @@ class GenerateCase:
         return {"transformers-sdpa": run(models["sdpa"]), "mmkernels": run(models["mmkernels"])}
 
     @property
+    def B(self):
+        return 2 if self.padded else 1
+
+    @property
     def shape(self):
         s = GENERATE_SIZES[self.size]
-        return f"{self.size} hidden{s['hidden']} H{s['heads']}/{s['kv_heads']} prompt{s['prompt']} image{s['image_tokens']} +{self.tokens} tokens"
+        batch = "B2 left-padded " if self.padded else ""
+        return f"{self.size} hidden{s['hidden']} H{s['heads']}/{s['kv_heads']} {batch}prompt{s['prompt']} image{s['image_tokens']} +{self.tokens} tokens"
 
     def inputs(self, device, dtype):
         s = GENERATE_SIZES[self.size]
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, s["vocab"], (self.B, s["prompt"]), generator=g)
+        mask = torch.ones(self.B, s["prompt"], dtype=torch.long)
+        if self.padded:
+            ids[1, : s["prompt"] // 4], mask[1, : s["prompt"] // 4] = 0, 0  # pad token 0
         images = torch.randn(self.B, s["image_tokens"], s["hidden"], generator=g).to(device, dtype)
-        return ids.to(device), images  # no cross-attention mask: every token sees the image
+        return ids.to(device), images, mask.to(device)  # no cross-attention mask: every token sees the image
 
     def flops(self, _) -> float:
         s = GENERATE_SIZES[self.size]

@@ -43,6 +43,7 @@ def small_call_cases():
         GatedResidualCase(1, 1024, 1024, mode="fwd"),
         GenerateCase("tiny"),
         GenerateCase("small"),
+        GenerateCase("small", padded=True),
     ]
 
 
