@@ -11,7 +11,11 @@ When nothing can intercept the call (not compiling, no dispatch or function mode
 tensors), `call` picks the backend once and runs its kernel directly, through one
 autograd.Function when a gradient is wanted (which also makes torch.func.grad/vjp work). The
 C++ kernels check everything they index, so on the cpu and cuda backends the Python checks run
-only when the kernel refuses, to raise with the argument's name; elsewhere they run first."""
+only when the kernel refuses, to raise with the argument's name; elsewhere they run first.
+
+Beside it, per op: vmap batching rules (mmkernels/ops/batching.py) and DTensor strategies
+(mmkernels/ops/sharding.py) derived from the schemas, and `autocasts`, the public functions'
+torch.autocast policy."""
 import functools
 import inspect
 
