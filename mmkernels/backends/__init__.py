@@ -71,16 +71,20 @@ def kernel(backend: str, name: str) -> Callable:
     return _on_inputs_device(fn) if backend == "triton" else fn
 
 
-def first_tensor(args):
-    """The first tensor among args, looking inside lists and tuples (co_attention's sides); None if none."""
+def tensors(args):
+    """The tensors among an op's arguments, the items of its lists and tuples (features,
+    co_attention's sides) included."""
     import torch
 
     for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
-        if isinstance(a, (list, tuple)) and (t := first_tensor(a)) is not None:
-            return t
-    return None
+        for t in (a if type(a) in (list, tuple) else (a,)):
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def first_tensor(args):
+    """The first of tensors(args); None if none."""
+    return next(tensors(args), None)
 
 
 @functools.lru_cache(maxsize=None)

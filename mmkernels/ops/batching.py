@@ -57,14 +57,21 @@ def leading_size(names, shared, args, in_dims) -> int:
     for name, a, d in zip(names, args, in_dims):
         if name in shared:
             continue
-        pairs = zip(a, d if isinstance(d, (list, tuple)) else [d] * len(a)) if isinstance(a, (list, tuple)) else [(a, d)]
-        for t, dim in pairs:
+        for t, dim in items(a, d):
             if isinstance(t, torch.Tensor):
                 shape = list(t.shape)
                 if dim is not None:
                     del shape[dim]
                 return shape[0]
     raise AssertionError("every op has a per-row tensor")
+
+
+def items(a, dim):
+    """(tensor, its vmapped dim) of an argument: a list's items with theirs (one dim for all, or
+    one each), else the argument itself."""
+    if not isinstance(a, (list, tuple)):
+        return [(a, dim)]
+    return zip(a, dim if isinstance(dim, (list, tuple)) else [dim] * len(a))
 
 
 def is_batched(dim) -> bool:
@@ -74,7 +81,7 @@ def is_batched(dim) -> bool:
 def fold(a, dim, n):
     """(N, lead, ...) -> (N * lead, ...): a tensor or a list of them; anything else unchanged."""
     if isinstance(a, (list, tuple)):
-        return [fold(t, d, n) for t, d in zip(a, dim if isinstance(dim, (list, tuple)) else [dim] * len(a))]
+        return [fold(t, d, n) for t, d in items(a, dim)]
     if not isinstance(a, torch.Tensor):
         return a
     a = a.movedim(dim, 0) if dim is not None else a.expand(n, *a.shape)
@@ -85,7 +92,7 @@ def per_sample(op, n, args, in_dims):
     """vmap's meaning, one call per sample, stacked on dim 0."""
     def sample(a, dim, i):
         if isinstance(a, (list, tuple)):
-            return [sample(t, d, i) for t, d in zip(a, dim if isinstance(dim, (list, tuple)) else [dim] * len(a))]
+            return [sample(t, d, i) for t, d in items(a, dim)]
         return a.select(dim, i) if isinstance(a, torch.Tensor) and dim is not None else a
 
     outs = [op(*(sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]

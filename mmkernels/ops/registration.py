@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor, peek_interpreter_stack
 
 from mmkernels import spec as specs
-from mmkernels.backends import choose, kernel
+from mmkernels.backends import choose, first_tensor, kernel, tensors
 from mmkernels.ops import batching, sharding
 from mmkernels.ops.checks import fail
 
@@ -97,7 +97,7 @@ def register_op(spec: "specs.OpSpec"):
         if peek_interpreter_stack() is None:
             if torch.is_grad_enabled() or not _plain(args):  # create_graph (the op refuses it), or a subclass
                 return backward_op(*args, chosen)
-        elif any(is_batchedtensor(t) for t in _tensors(args)):  # vmap (jacrev): the op (mmkernels/ops/batching.py)
+        elif any(is_batchedtensor(t) for t in tensors(args)):  # vmap (jacrev): the op (mmkernels/ops/batching.py)
             return backward_op(*args, chosen)
         return _validated(kernel(chosen, f"{name}_backward"), chosen, check_backward, args)
 
@@ -236,7 +236,7 @@ def autocasts(*, keep=()):
 
 
 def _autocast(args, kwargs, keep_positions, keep_names):
-    first = next(_tensors([*args, *kwargs.values()]), None)
+    first = first_tensor([*args, *kwargs.values()])
     if first is None or not torch.is_autocast_enabled(first.device.type):
         return args, kwargs
     dtype = torch.get_autocast_dtype(first.device.type)
@@ -291,17 +291,10 @@ def flattened_grads(grads, layout) -> list:
     return flat
 
 
-def _tensors(args):
-    for a in args:
-        for t in (a if type(a) in (list, tuple) else (a,)):
-            if isinstance(t, torch.Tensor):
-                yield t
-
-
 def _plain(args) -> bool:
     """Every tensor argument an ordinary tensor or Parameter: no subclass (DTensor, fake,
     nested) and no functorch wrapper (vmap's batched tensors)."""
-    return all(type(t) in _PLAIN and not is_functorch_wrapped_tensor(t) for t in _tensors(args))
+    return all(type(t) in _PLAIN and not is_functorch_wrapped_tensor(t) for t in tensors(args))
 
 
 def refuse_forward_ad(name, args):
@@ -309,6 +302,6 @@ def refuse_forward_ad(name, args):
     tangents: no op here has a forward formula."""
     if fwAD._current_level < 0 and peek_interpreter_stack() is None:
         return  # no dual level and no functorch transform: nothing can carry a tangent
-    if any(fwAD.unpack_dual(t).tangent is not None for t in _tensors(args) if t.is_floating_point()):
+    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors(args) if t.is_floating_point()):
         fail(f"mmkernels.{name} does not support forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): "
              "it has no forward derivative; use reverse mode (backward)")

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from mmkernels import schemas
+from mmkernels.backends import tensors
 from mmkernels.ops.batching import arg_names
 
 _registered = False
@@ -93,7 +94,7 @@ def dtensors(args) -> list:
     module = sys.modules.get("torch.distributed.tensor")
     if module is None:
         return []
-    return [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, module.DTensor)]
+    return [t for t in tensors(args) if isinstance(t, module.DTensor)]
 
 
 def distributed(spec, op, call, args, backend):
