@@ -162,6 +162,12 @@ def poisoned(kind, poison):
         mask[0, 5:9] = mask[1, 20:] = True
         kw = dict(key_padding_mask=mask)
         hidden |= mask[:, None, :]
+    elif kind == "key_padding_mask+kv_lengths":  # each hides keys the other leaves
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[0, 5:9] = mask[0, 30:33] = mask[1, 2] = True
+        kw = dict(key_padding_mask=mask, kv_lengths=torch.tensor([31, 17]))
+        hidden |= mask[:, None, :]
+        hidden[0, :, 31:] = hidden[1, :, 17:] = True
     elif kind == "ranges":
         start, end = torch.tensor([[0, 0, 0, 20, 20, 20]] * 2), torch.tensor([[10, 10, 10, 30, 30, 30]] * 2)
         kw = dict(kv_start=start, kv_end=end)
@@ -174,8 +180,9 @@ def poisoned(kind, poison):
     return q, k, v, kw, keys_nobody_sees, poison
 
 
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("kind", ["kv_lengths", "key_padding_mask", "ranges", "causal"])
+# 3e38 is finite, but its scores overflow to inf: a hidden key must not reach a row through them.
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 3e38], ids=["nan", "inf", "huge"])
+@pytest.mark.parametrize("kind", ["kv_lengths", "key_padding_mask", "key_padding_mask+kv_lengths", "ranges", "causal"])
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_hidden_keys_never_influence_anything(backend, kind, poison):
     q, k, v, kw, nobody, value = poisoned(kind, poison)

@@ -276,7 +276,7 @@ def judge(row: Row, max_shared=None):
 
 # ---- the tile table
 
-def measure_candidates(plan, targets, part=None) -> dict:
+def measure_candidates(plan, targets, part=None, only=None) -> dict:
     """{(kernel, dtype, block_d, variant, target): [shape + (shared,), ...]}: per key, the first
     budgets.KEEP candidates (largest first) that fit, and for sm_80 also the first that fits
     within budgets.SMALLEST_SM80_SHARED.
@@ -284,19 +284,20 @@ def measure_candidates(plan, targets, part=None) -> dict:
     Head dims are measured smallest first, and a shape that spilled or overflowed shared memory
     at one head dim is not compiled at a larger one of the same kernel, dtype, variant and target:
     both only grow with the head dim, and ptxas takes minutes over a spilling kernel. A part
-    (index, count) measures whole variants, so this knowledge stays in one process."""
+    (index, count) measures whole variants, so this knowledge stays in one process. `only`: a set
+    of (kernel, variant) to measure, the rest left out."""
     saved, budgets.CANDIDATES = budgets.CANDIDATES, True
     try:
-        return _measure(plan, targets, part)
+        return _measure(plan, targets, part, only)
     finally:
         budgets.CANDIDATES = saved
 
 
-def _measure(plan, targets, part) -> dict:
+def _measure(plan, targets, part, only) -> dict:
     # bfloat16 takes float16's shapes (the same kernels but for how P is rounded); the quick gate
     # compiles bfloat16 at them and fails if one no longer fits.
     dtypes = [d for d in plan["dtypes"] if d != "bfloat16"]
-    variants = list(TABLE_VARIANTS.items())
+    variants = [(name, features) for name, features in TABLE_VARIANTS.items() if not only or any(v == name for _, v in only)]
     if part:
         index, count = part
         variants = variants[index::count]
@@ -305,7 +306,7 @@ def _measure(plan, targets, part) -> dict:
     for dtype_name, (name, features), D in combos:
         launches = capture(attention_cases([getattr(torch, dtype_name)], [D], {name: features}))
         for launch, target in itertools.product(launches, targets):
-            if launch.kernel.__name__ not in KERNELS:
+            if launch.kernel.__name__ not in KERNELS or (only and (KERNELS[launch.kernel.__name__], name) not in only):
                 continue
             key = (KERNELS[launch.kernel.__name__], dtype_name, max(16, triton.next_power_of_2(D)), name, target)
             fitting, small = [], None
@@ -407,22 +408,37 @@ def write_tiles(table):
     print(f"wrote {path}: {len(table)} entries")
 
 
-def candidates_main(plan, targets, jobs) -> int:
-    """Measures the table in `jobs` processes (each a share of the combinations), then writes it."""
+def parse_only(text):
+    """--only's "kernel:variant,..." as a set of pairs (None: everything)."""
+    if not text:
+        return None
+    pairs = {tuple(item.split(":")) for item in text.split(",")}
+    unknown = [p for p in pairs if len(p) != 2 or p[0] not in set(KERNELS.values()) or p[1] not in TABLE_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only takes kernel:variant pairs (kernels fwd, dq, dkdv; variants {', '.join(TABLE_VARIANTS)}), got {unknown}")
+    return pairs
+
+
+def candidates_main(plan, targets, jobs, only=None) -> int:
+    """Measures the table in `jobs` processes (each a share of the combinations), then writes it,
+    verified as --verify-table does (the quick plan's dtypes and head dims: what CI compiles).
+    With `only`, the other entries are kept as committed (every entry is verified again)."""
+    table = {} if not only else {k: list(v) for k, v in budgets.ATTENTION_TILES.items()}
     if jobs <= 1:
-        write_tiles(verify_table(measure_candidates(plan, targets), targets, plan))
+        table.update(measure_candidates(plan, targets, only=only))
+        write_tiles(verify_table(table, targets))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         procs = [subprocess.Popen([sys.executable, __file__, "--candidates-part", f"{i}/{jobs}", "--json", f"{tmp}/{i}.json",
-                                   "--targets", ",".join(targets)] + (["--full"] if plan is budgets.FULL else []))
+                                   "--targets", ",".join(targets)] + (["--full"] if plan is budgets.FULL else [])
+                                  + (["--only", ",".join(f"{k}:{v}" for k, v in sorted(only))] if only else []))
                  for i in range(jobs)]
         if any(p.wait() for p in procs):
             return 1
-        table = {}
         for i in range(jobs):
             with open(f"{tmp}/{i}.json") as f:
                 table.update({tuple(k): [tuple(s) for s in v] for k, v in json.load(f)})
-    write_tiles(verify_table(table, targets, plan))
+    write_tiles(verify_table(table, targets))
     return 0
 
 
@@ -673,6 +689,7 @@ def main(argv=None) -> int:
     parser.add_argument("--verify-table", action="store_true",
                         help="compile the committed tile table's shapes for every call variant, rewrite it without those that fail")
     parser.add_argument("--jobs", type=int, default=2, help="processes for --candidates")
+    parser.add_argument("--only", help="with --candidates: measure only these kernel:variant entries (e.g. dkdv:plain,fwd:mask)")
     parser.add_argument("--candidates-part", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     targets = args.targets.split(",")
@@ -680,12 +697,12 @@ def main(argv=None) -> int:
     start = time.time()
     if args.candidates_part:
         index, count = map(int, args.candidates_part.split("/"))
-        table = measure_candidates(plan, targets, (index, count))
+        table = measure_candidates(plan, targets, (index, count), parse_only(args.only))
         with open(args.json, "w") as f:
             json.dump([[list(k), v] for k, v in table.items()], f)
         return 0
     if args.candidates:
-        return candidates_main(plan, targets, args.jobs)
+        return candidates_main(plan, targets, args.jobs, parse_only(args.only))
     if args.verify_table:
         write_tiles(verify_table({k: list(v) for k, v in budgets.ATTENTION_TILES.items()}, targets, plan))
         return 0

@@ -117,8 +117,8 @@ def co_attention(q_a, k_a, v_a, q_b, k_b, v_b, lengths_a, lengths_b, kv_start_a,
     L_max = max(q_a.shape[2], q_b.shape[2])
     grid = lambda meta: (triton.cdiv(L_max, meta["BLOCK_M"]) * B * (q_a.shape[1] + q_b.shape[1]),)
     def side(q, k, v, out, lse, vis):
-        return (q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(), vis.bad_rows(v), *_sizes(q, k), scale * LOG2E,
-                *vis.dropout)
+        return (q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(), vis.bad_rows(v), *vis.key_bias(), *_sizes(q, k),
+                scale * LOG2E, *vis.dropout)
 
     _fwd_co_kernel[grid](side(q_a, k_b, v_b, out_a, lse_a, side_a), side(q_b, k_a, v_a, out_b, lse_b, side_b),
                          B * q_a.shape[1], L_max, **flags)

@@ -11,7 +11,10 @@ loop: no visibility mask, no data-dependent branch, no sanitising, so its K/V lo
 the partial tiles only: hidden keys are selected (not multiplied) away there, the products use
 copies whose non-finite entries are zeroed, and a visible non-finite value marks the outputs it
 reaches NaN. (On a full tile every pair is visible, so a plain product propagates NaN and Inf
-exactly where the reference does.) The online softmax runs in base 2 (exp2) and fp32; the
+exactly where the reference does.) A key_padding_mask may hide any key of any tile, so without
+per-row ranges its tiles run one loop of their own (_fwd_masked) where the mask arrives as a
+per-key bias, 0 or -inf, added with the scale in one FFMA, and hidden keys' K and V rows load
+as 0. The online softmax runs in base 2 (exp2) and fp32; the
 statistics saved for the backward are mmkernels.backends.base.stats_shape's: for float32 inputs
 the row max and log2 of the row sum apart in float64, for half inputs the natural log-sum-exp
 (+inf for rows with no key).
@@ -21,7 +24,9 @@ batch x kv head) over the query heads of its group (GQA without copies) and the 
 whose rows see its keys, in the transposed orientation (keys are the rows of its tiles, so its
 probabilities feed the MMAs straight from registers); a dQ kernel runs per (query block, batch x
 query head) over the key tiles its rows see. Both split their loops into partial and full runs
-as the forward does. No atomics: deterministic.
+as the forward does; without a mask or per-row ranges dK/dV needs no partial blocks at all (a
+key's gradient rows depend on its own scores only, so hidden keys' rows are zeroed at the end).
+No atomics: deterministic.
 
 Every visibility feature is a compile-time flag, so the plain call compiles to the lean kernel.
 Dropout draws Philox numbers exactly as the other backends do (csrc/philox.h). Head dims are
@@ -39,6 +44,7 @@ from mmkernels.backends.triton.config import INTERPRET, autotune
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read only those globals
+KEY_BIAS_ALIGN = tl.constexpr(256)  # key_bias() rows are padded to a multiple of this, BLOCK_N at most
 
 
 # ---- visibility
@@ -287,39 +293,54 @@ def _add_bad_keys(acc, q, k_base, v_base, v_bad, skl, svl, j0, j1, lo, hi, m, di
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, Seed, row0, rows, start, threshold, keep_scale, DROPOUT: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax over base-2 scores s (-inf where hidden): its
+    probabilities (dropout applied), the rescale of what came before, the new row max and sum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(_keep(Seed, row0, rows, start, threshold, BLOCK_N), p * keep_scale, 0.0)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
 def _fwd_partial(acc, m_i, l_i, seen, bad_seen, q, k_base, v_base, v_bad, skl, svl, t0, t1, lo, hi, key_lo, key_hi, dims,
                  rows, Mask, smb, sml, b, Lk, Seed, row0, threshold, keep_scale, scale_log2, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, PAIRWISE: tl.constexpr, DROPOUT: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles [t0, t1) where some active row does not see some key. Keys outside [key_lo,
-    key_hi) or hidden by the mask are never read (they load as 0) and their scores are selected
-    away, so whatever they hold reaches nothing. Without PAIRWISE every active row sees the same
+                 BLOCK_D: tl.constexpr, HAS_START: tl.constexpr, HAS_MASK: tl.constexpr, PAIRWISE: tl.constexpr,
+                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [t0, t1) where some active row does not see some key. The scores of hidden keys
+    are selected away (their K rows are read, in bounds: a select, unlike a product, drops NaN),
+    and the V rows of keys outside [key_lo, key_hi) or hidden by the mask load as 0, so whatever
+    they hold reaches nothing. Without PAIRWISE every active row sees the same
     keys, so that is all. PAIRWISE (per-row ranges, causal): a key may be seen by one row and not
     by another, whose exact-0 probability would meet it in the product; so V rows that hold a
     non-finite value (v_bad, flagged before the launch) load as 0 too, bad_seen records that this
     happened, and the program adds those keys back at its end (_add_bad_keys). A tile no row's
     range meets is skipped."""
+    offs_n = tl.arange(0, BLOCK_N)
     for start in range(t0, t1, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        start = tl.multiple_of(start, BLOCK_N)
+        cols = start + offs_n
         key_ok = _key_visible(cols, Mask, smb, sml, b, Lk, HAS_MASK) & (cols >= key_lo) & (cols < key_hi)
         if PAIRWISE:
-            vis = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & key_ok[None, :]
+            vis = (cols[None, :] < hi[:, None]) & key_ok[None, :]
+            if HAS_START:  # else lo is 0 or the mask's first visible key, below which key_ok is false
+                vis = vis & (cols[None, :] >= lo[:, None])
             meets = tl.max(((lo < start + BLOCK_N) & (hi > start)).to(tl.int32)) > 0
         else:  # every active row sees the keys key_ok marks; no skip, which would make ptxas serialise
             vis = key_ok[None, :]  # every wgmma of the kernel (C7515)
             meets = True
         if meets:
-            kt = _load(_cols_ptrs(k_base, cols, skl, dims), key_ok[None, :], (dims < D)[:, None], D, BLOCK_D)
+            # pointers made per tile, so that none are live across the loop (hoisted ones spilled)
+            kt = _load(_cols_ptrs(k_base, cols, skl, dims), (cols < Lk)[None, :], (dims < D)[:, None], D, BLOCK_D)
             s = tl.where(vis, tl.dot(q, kt, input_precision=PRECISION) * scale_log2, float("-inf"))
             if HAS_MASK and PAIRWISE:
                 seen = tl.maximum(seen, tl.max(vis.to(tl.int32), 1))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                p = tl.where(_keep(Seed, row0, rows, start, threshold, BLOCK_N), p * keep_scale, 0.0)
+            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, Seed, row0, rows, start, threshold, keep_scale, DROPOUT, BLOCK_N)
             v_ok = key_ok
             if PAIRWISE:
                 bad = tl.load(v_bad + cols, mask=key_ok, other=0) != 0
@@ -332,11 +353,35 @@ def _fwd_partial(acc, m_i, l_i, seen, bad_seen, q, k_base, v_base, v_bad, skl, s
 
 
 @triton.jit
+def _fwd_masked(acc, m_i, l_i, q, kt_ptrs, v_ptrs, key_bias, skl, svl, t0, t1, dims, rows, Seed, row0, threshold, keep_scale,
+                scale_log2, D: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key tiles [t0, t1) under a key_padding_mask that every active row shares (no per-row
+    ranges): key_bias is the batch's row of key_bias()'s tensor, 0 for a visible key and -inf for
+    a hidden one. The mask costs an add per score, fused with the scale, and a predicate per
+    loaded K/V row: hidden keys load as 0, so their scores are a finite 0 plus -inf (never NaN)
+    and their V rows meet their zero probabilities as zeros."""
+    tl.static_assert(BLOCK_N <= KEY_BIAS_ALIGN)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(t0, t1, BLOCK_N):
+        start = tl.multiple_of(start, BLOCK_N)
+        bias = tl.load(key_bias + start + offs_n)  # padded to KEY_BIAS_ALIGN: no bounds test
+        key_ok = bias == 0.0
+        kt = _load(kt_ptrs + start.to(tl.int64) * skl, key_ok[None, :], (dims < D)[:, None], D, BLOCK_D)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2 + bias[None, :]
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, Seed, row0, rows, start, threshold, keep_scale, DROPOUT, BLOCK_N)
+        v = _load(v_ptrs + start.to(tl.int64) * svl, key_ok[:, None], (dims < D)[None, :], D, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def fwd_program(
     pid_m, pid_bh,
     Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed, BadV,
-    Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
+    KeyBias, s_kbb, Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
     HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     POS_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -362,16 +407,24 @@ def fwd_program(
     key_lo, key_hi = tl.min(tl.where(active, lo, Lk)), last  # the keys some active row sees lie in [key_lo, key_hi)
     PAIRWISE: tl.constexpr = HAS_START or HAS_END or CAUSAL
     v_bad = BadV + (b64 * (Hq // group) + hk64) * Lk
-    acc, m_i, l_i, seen, bad_seen = _fwd_partial(acc, m_i, l_i, seen, bad_seen, q, k_base, v_base, v_bad, skl, svl, first, tl.minimum(full_lo, last),
-                                       lo, hi, key_lo, key_hi, dims, rows, Mask, smb, sml, b, Lk, Seed, row0, threshold,
-                                       keep_scale, scale_log2, D, BLOCK_D, HAS_MASK, PAIRWISE, DROPOUT, PRECISION, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
-    acc, m_i, l_i = _fwd_full(acc, m_i, l_i, q, _cols_ptrs(k_base, offs_n, skl, dims), _rows_ptrs(v_base, offs_n, svl, dims),
-                              skl, svl, full_lo, full_hi, dims, rows, Seed, row0, threshold, keep_scale, scale_log2,
-                              D, BLOCK_D, DROPOUT, POS_SCALE, PRECISION, BLOCK_N)
-    acc, m_i, l_i, seen, bad_seen = _fwd_partial(acc, m_i, l_i, seen, bad_seen, q, k_base, v_base, v_bad, skl, svl, full_hi, last,
-                                       lo, hi, key_lo, key_hi, dims, rows, Mask, smb, sml, b, Lk, Seed, row0, threshold,
-                                       keep_scale, scale_log2, D, BLOCK_D, HAS_MASK, PAIRWISE, DROPOUT, PRECISION, BLOCK_N)
+    if HAS_MASK and not PAIRWISE:  # every tile may hide any key: one run, the mask as a bias
+        acc, m_i, l_i = _fwd_masked(acc, m_i, l_i, q, _cols_ptrs(k_base, offs_n, skl, dims), _rows_ptrs(v_base, offs_n, svl, dims),
+                                    KeyBias + b64 * s_kbb, skl, svl, first, last, dims, rows, Seed, row0, threshold,
+                                    keep_scale, scale_log2, D, BLOCK_D, DROPOUT, PRECISION, BLOCK_N)
+    else:
+        acc, m_i, l_i, seen, bad_seen = _fwd_partial(acc, m_i, l_i, seen, bad_seen, q, k_base, v_base, v_bad, skl, svl, first,
+                                                     tl.minimum(full_lo, last), lo, hi, key_lo, key_hi, dims, rows, Mask, smb,
+                                                     sml, b, Lk, Seed, row0, threshold, keep_scale, scale_log2, D, BLOCK_D,
+                                                     HAS_START, HAS_MASK, PAIRWISE, DROPOUT, PRECISION, BLOCK_N)
+        # the full loop's pointers are made after the partial run: they are not live across it
+        acc, m_i, l_i = _fwd_full(acc, m_i, l_i, q, _cols_ptrs(k_base, offs_n, skl, dims), _rows_ptrs(v_base, offs_n, svl, dims),
+                                  skl, svl, full_lo, full_hi, dims, rows, Seed, row0, threshold, keep_scale, scale_log2, D,
+                                  BLOCK_D, DROPOUT, POS_SCALE, PRECISION, BLOCK_N)
+        acc, m_i, l_i, seen, bad_seen = _fwd_partial(acc, m_i, l_i, seen, bad_seen, q, k_base, v_base, v_bad, skl, svl, full_hi,
+                                                     last, lo, hi, key_lo, key_hi, dims, rows, Mask, smb, sml, b, Lk, Seed,
+                                                     row0, threshold, keep_scale, scale_log2, D, BLOCK_D, HAS_START, HAS_MASK,
+                                                     PAIRWISE, DROPOUT, PRECISION, BLOCK_N)
     if PAIRWISE:
         if bad_seen > 0:  # rare: visible non-finite values of V on partial tiles
             q32 = _load(_rows_ptrs(Q + b64 * sqb + h64 * sqh, rows, sql, dims), in_q[:, None], (dims < D)[None, :], D,
@@ -496,7 +549,9 @@ def _dkdv_partial(dk, dv, bad_seen, k, v, q_base, do_base, sql, sdl, Lse, Delta,
         lo, hi, active = _row_ranges(b, rows, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl,
                                      MaskLo, MaskHi, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL)
         if PAIRWISE:
-            vist = (cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :]) & key_ok[:, None]
+            vist = (cols[:, None] < hi[None, :]) & key_ok[:, None]
+            if HAS_START:  # as in _fwd_partial
+                vist = vist & (cols[:, None] >= lo[None, :])
             meets = tl.max((active & (lo < key0 + BLOCK_N) & (hi > key0)).to(tl.int32)) > 0
         else:  # every active row sees the keys key_ok marks
             vist = key_ok[:, None]
@@ -586,18 +641,27 @@ def bwd_dkdv_program(
         row0 = (b64 * Hq + h64) * Lq
         q_base = Q + b64 * sqb + h64 * sqh
         do_base = DO + b64 * sdb + h64 * sdh
-        dk, dv, bad_seen = _dkdv_partial(dk, dv, bad_seen, k, v, q_base, do_base, sql, sdl, Lse, Delta, BadQ, BadDO, row0, m_lo, tl.minimum(full_lo, m_hi),
-                               dims, key0, cols, key_ok, b, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End,
-                               s_enb, s_enl, MaskLo, MaskHi, Seed, threshold, keep_scale, scale_log2, D, BLOCK_D,
-                               HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, PAIRWISE, DROPOUT, PAIR,
-                               PRECISION, BLOCK_M, BLOCK_N)
-        dk, dv = _dkdv_full(dk, dv, k, v, q_base, do_base, sql, sdl, Lse, Delta, row0, full_lo, full_hi, Lq, dims, key0,
-                            Seed, threshold, keep_scale, scale_log2, D, BLOCK_D, DROPOUT, PAIR, PRECISION, BLOCK_M, BLOCK_N)
-        dk, dv, bad_seen = _dkdv_partial(dk, dv, bad_seen, k, v, q_base, do_base, sql, sdl, Lse, Delta, BadQ, BadDO, row0, full_hi, m_hi,
-                               dims, key0, cols, key_ok, b, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End,
-                               s_enb, s_enl, MaskLo, MaskHi, Seed, threshold, keep_scale, scale_log2, D, BLOCK_D,
-                               HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, PAIRWISE, DROPOUT, PAIR,
-                               PRECISION, BLOCK_M, BLOCK_N)
+        if not (PAIRWISE or HAS_MASK):
+            # Every row below q_len sees every key of key_ok, and a key's dK/dV row depends on its own
+            # scores only: one loop of full blocks, with rows past q_len loaded as 0 (P = 0) and the
+            # rows of hidden keys set to 0 at the end. No partial blocks, so no registers for them.
+            dk, dv = _dkdv_full(dk, dv, k, v, q_base, do_base, sql, sdl, Lse, Delta, row0, 0, m_hi, q_len, dims, key0,
+                                Seed, threshold, keep_scale, scale_log2, D, BLOCK_D, DROPOUT, PAIR, PRECISION, BLOCK_M,
+                                BLOCK_N)
+        else:
+            dk, dv, bad_seen = _dkdv_partial(dk, dv, bad_seen, k, v, q_base, do_base, sql, sdl, Lse, Delta, BadQ, BadDO, row0, m_lo, tl.minimum(full_lo, m_hi),
+                                   dims, key0, cols, key_ok, b, Lq, Lk, KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl,
+                                   End, s_enb, s_enl, MaskLo, MaskHi, Seed, threshold, keep_scale, scale_log2, D, BLOCK_D,
+                                   HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, PAIRWISE, DROPOUT, PAIR,
+                                   PRECISION, BLOCK_M, BLOCK_N)
+            dk, dv = _dkdv_full(dk, dv, k, v, q_base, do_base, sql, sdl, Lse, Delta, row0, full_lo, full_hi, Lq, dims, key0,
+                                Seed, threshold, keep_scale, scale_log2, D, BLOCK_D, DROPOUT, PAIR, PRECISION, BLOCK_M,
+                                BLOCK_N)
+            dk, dv, bad_seen = _dkdv_partial(dk, dv, bad_seen, k, v, q_base, do_base, sql, sdl, Lse, Delta, BadQ, BadDO, row0,
+                                             full_hi, m_hi, dims, key0, cols, key_ok, b, Lq, Lk, KvLen, s_kvl, QLen, s_ql,
+                                             Start, s_stb, s_stl, End, s_enb, s_enl, MaskLo, MaskHi, Seed, threshold,
+                                             keep_scale, scale_log2, D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END,
+                                             HAS_MASK, CAUSAL, PAIRWISE, DROPOUT, PAIR, PRECISION, BLOCK_M, BLOCK_N)
     if PAIRWISE:
         if bad_seen > 0:  # rare: visible non-finite values of dO on partial blocks
             k32 = _load(_rows_ptrs(K + b64 * skb + hk64 * skh, cols, skl, dims), key_ok[:, None], (dims < D)[None, :], D,
@@ -646,15 +710,17 @@ def _dq_full(dq, q, do, m, log_sum, delta, kt_ptrs, vt_ptrs, skl, svl, t0, t1, d
 @triton.jit
 def _dq_partial(dq, q, do, m, log_sum, delta, k_base, v_base, k_bad, skl, svl, t0, t1, lo, hi, key_lo, key_hi, dims, rows, Mask,
                 smb, sml, b, Lk, Seed, row0, threshold, keep_scale, scale_log2, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_MASK: tl.constexpr, PAIRWISE: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_START: tl.constexpr, HAS_MASK: tl.constexpr, PAIRWISE: tl.constexpr, DROPOUT: tl.constexpr,
+                PAIR: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward's partial tiles, for dQ: keys no row sees load as 0; PAIRWISE, so do the K rows
     flagged non-finite (a visible one reaches dQ through the NaN statistics of the rows that see it)."""
     for start in range(t0, t1, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         key_ok = _key_visible(cols, Mask, smb, sml, b, Lk, HAS_MASK) & (cols >= key_lo) & (cols < key_hi)
         if PAIRWISE:
-            vis = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & key_ok[None, :]
+            vis = (cols[None, :] < hi[:, None]) & key_ok[None, :]
+            if HAS_START:  # else lo is 0 or the mask's first visible key, below which key_ok is false
+                vis = vis & (cols[None, :] >= lo[:, None])
             meets = tl.max(((lo < start + BLOCK_N) & (hi > start)).to(tl.int32)) > 0
         else:  # a skip here would make ptxas serialise every wgmma of the kernel (C7515)
             vis = key_ok[None, :]
@@ -707,14 +773,14 @@ def bwd_dq_program(
     k_bad = BadK + (b64 * (Hq // group) + hk64) * Lk
     dq = _dq_partial(dq, q, do, m, log_sum, delta, k_base, v_base, k_bad, skl, svl, first, tl.minimum(full_lo, last), lo, hi, key_lo,
                      key_hi, dims, rows, Mask, smb, sml, b, Lk, Seed, row0, threshold, keep_scale, scale_log2, D, BLOCK_D,
-                     HAS_MASK, PAIRWISE, DROPOUT, PAIR, PRECISION, BLOCK_N)
+                     HAS_START, HAS_MASK, PAIRWISE, DROPOUT, PAIR, PRECISION, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     dq = _dq_full(dq, q, do, m, log_sum, delta, _cols_ptrs(k_base, offs_n, skl, dims), _cols_ptrs(v_base, offs_n, svl, dims),
                   skl, svl, full_lo, full_hi, dims, rows, Seed, row0, threshold, keep_scale, scale_log2, D, BLOCK_D,
                   DROPOUT, PAIR, PRECISION, BLOCK_N)
     dq = _dq_partial(dq, q, do, m, log_sum, delta, k_base, v_base, k_bad, skl, svl, full_hi, last, lo, hi, key_lo,
                      key_hi, dims, rows, Mask, smb, sml, b, Lk, Seed, row0, threshold, keep_scale, scale_log2, D, BLOCK_D,
-                     HAS_MASK, PAIRWISE, DROPOUT, PAIR, PRECISION, BLOCK_N)
+                     HAS_START, HAS_MASK, PAIRWISE, DROPOUT, PAIR, PRECISION, BLOCK_N)
     dq = tl.where(active[:, None], dq * scale, 0.0)  # rows that see nothing computed what they hold on full tiles
     tl.store(_rows_ptrs(DQ + b64 * sdqb + h64 * sdqh, rows, sdql, dims), dq.to(DQ.dtype.element_ty),
              mask=in_q[:, None] & (dims[None, :] < D))
@@ -733,7 +799,7 @@ _KEY = ["BLOCK_D", "HAS_KVLEN", "HAS_QLEN", "HAS_START", "HAS_END", "HAS_MASK", 
 def _fwd_kernel(
     Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
     KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed, BadV,
-    Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
+    KeyBias, s_kbb, Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_START: tl.constexpr,
     HAS_END: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PAIR: tl.constexpr,
     POS_SCALE: tl.constexpr, PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -743,7 +809,7 @@ def _fwd_kernel(
         *_split_pid(Lq, BLOCK_M),
         Q, K, V, Out, Lse, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
         KvLen, s_kvl, QLen, s_ql, Start, s_stb, s_stl, End, s_enb, s_enl, Mask, smb, sml, MaskLo, MaskHi, Seed, BadV,
-        Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
+        KeyBias, s_kbb, Hq, Lq, Lk, group, scale_log2, threshold, keep_scale,
         D, BLOCK_D, HAS_KVLEN, HAS_QLEN, HAS_START, HAS_END, HAS_MASK, CAUSAL, DROPOUT, PAIR, POS_SCALE, PRECISION,
         BLOCK_M, BLOCK_N,
     )
@@ -826,9 +892,26 @@ class Visibility:
         # Whether one row may see a key another row of its block does not (the kernels' PAIRWISE).
         self.pairwise = kv_start is not None or kv_end is not None or bool(causal)
         self._dummy = dummy
+        self._key_padding_mask, self._kv_lengths = key_padding_mask, kv_lengths
 
     def args(self):
         return (*self.lengths, *self.mask)
+
+    def key_bias(self):
+        """The forward's key_padding_mask, where no per-row range applies, as (tensor, row stride): 0.0
+        where a key is visible, -inf where the mask or kv_lengths hides it or it lies past Lk, each
+        row padded to a multiple of KEY_BIAS_ALIGN (so the kernel's loads need no bounds)."""
+        if self._key_padding_mask is None or self.pairwise:
+            return self._dummy, 0
+        mask, kv_lengths = self._key_padding_mask, self._kv_lengths
+        B, Lk = mask.shape
+        width = triton.cdiv(max(Lk, 1), KEY_BIAS_ALIGN.value) * KEY_BIAS_ALIGN.value
+        hidden = torch.ones(B, width, dtype=torch.bool, device=mask.device)
+        hidden[:, :Lk] = mask != 0
+        if kv_lengths is not None:
+            hidden |= torch.arange(width, device=mask.device) >= kv_lengths[:, None]
+        bias = torch.zeros(B, width, dtype=torch.float32, device=mask.device).masked_fill_(hidden, -math.inf)
+        return bias, width
 
     def bad_rows(self, t):
         """The non-finite rows of t (B, H, L, D) as int8 flags (B, H, L), for the pairwise kernels;
@@ -890,7 +973,7 @@ def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, 
         return out.zero_(), _no_key(lse)
     vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
-    _fwd_kernel[grid](q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(), vis.bad_rows(v),
+    _fwd_kernel[grid](q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(), vis.bad_rows(v), *vis.key_bias(),
                       Hq, Lq, k.shape[2], Hq // k.shape[1], scale * LOG2E, *vis.dropout,
                       **common_flags(q, scale), **vis.flags)
     return out, lse
