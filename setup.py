@@ -7,6 +7,7 @@ them. MMKERNELS_CUDA_ARCHS (default "80;90") picks the targets.
 import glob
 import importlib.util
 import os
+import platform
 import shutil
 
 
@@ -65,20 +66,33 @@ def cuda_library_headers() -> list[str]:
     return found
 
 
-def cpu_vector_flags() -> list[str]:
-    """ATen's AVX2 vector path (FMA, a vectorised exp) for the CPU kernels when the build
-    machine has AVX2, FMA and F16C: we build where we run. MMKERNELS_CPU_AVX2=0/1 overrides."""
-    forced = os.environ.get("MMKERNELS_CPU_AVX2")
-    if forced is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line.split() for line in f if line.startswith("flags")), [])
-        except OSError:
-            flags = []
-        enabled = {"avx2", "fma", "f16c"} <= set(flags)
-    else:
-        enabled = forced == "1"
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if enabled else []
+def isa_flags() -> dict[str, list[str]]:
+    """The compiler flags of each instruction set the CPU kernels (csrc/cpu/) are built for, as
+    ATen builds its own (csrc/isa.h). Elsewhere than x86-64 only the baseline."""
+    def named(isa):
+        return [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return {"DEFAULT": named("DEFAULT")}
+    return {"DEFAULT": named("DEFAULT"),
+            "AVX2": ["-mavx2", "-mfma", "-mf16c", *named("AVX2")],
+            "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", *named("AVX512")]}
+
+
+class BuildWithIsas(BuildExtension):
+    """torch's BuildExtension, which compiles every source once with the same flags; the CPU
+    kernels are compiled here first, once per instruction set, each into its own folder, and
+    linked after the other objects (so that an inline function compiled into several copies
+    resolves to the baseline one, which runs on any CPU)."""
+
+    def build_extension(self, ext):
+        cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        objects = []
+        for isa, flags in isa_flags().items():
+            objects += self.compiler.compile(
+                ext.isa_sources, output_dir=os.path.join(self.build_temp, "isa", isa), macros=ext.define_macros,
+                include_dirs=ext.include_dirs, extra_postargs={"cxx": [*cxx, *flags], "nvcc": []}, depends=ext.depends)
+        ext.extra_objects = [*objects, *ext.extra_objects]
+        super().build_extension(ext)
 
 
 def listed_sources(suffix: str) -> list[str]:
@@ -89,17 +103,21 @@ def listed_sources(suffix: str) -> list[str]:
 
 
 def extension():
-    sources = ["csrc/module.cpp", *listed_sources(".cpp")]
+    cpp = listed_sources(".cpp")
+    isa_sources = [f for f in cpp if f.startswith("csrc/cpu/")]
+    sources = ["csrc/module.cpp", *(f for f in cpp if f not in isa_sources)]
     torch_version = torch.__version__.split("+")[0]
     macros = [("MMKERNELS_VERSION", f'"{VERSION}"'), ("MMKERNELS_TORCH_VERSION", torch_version)]
     # -fopenmp: at::parallel_for is header code that parallelises with `#pragma omp parallel`;
     # without the flag the pragma is ignored and every CPU kernel runs on one thread. The
     # OpenMP runtime it links is the libgomp that torch itself loads.
-    cxx = ["-O3", "-fopenmp", *cpu_vector_flags()]  # the C++ standard is the one cpp_extension picks for torch
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one cpp_extension picks for torch
     link = ["-fopenmp"]
     if not want_cuda():
-        return CppExtension("mmkernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
-                            extra_link_args=link)
+        ext = CppExtension("mmkernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
+        ext.isa_sources = isa_sources
+        return ext
     archs = cuda_archs()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # and the PTX of the newest, which the driver compiles for GPUs newer than every cubin
@@ -110,7 +128,7 @@ def extension():
     # torch probe for a GPU, which our build machines do not have.
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs)
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", *gencode]
-    return CUDAExtension(
+    ext = CUDAExtension(
         "mmkernels._C",
         sources + listed_sources(".cu"),
         define_macros=macros,
@@ -118,6 +136,8 @@ def extension():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )
+    ext.isa_sources = isa_sources
+    return ext
 
 
 setup(
@@ -126,7 +146,7 @@ setup(
     packages=find_packages(include=["mmkernels", "mmkernels.*"]),
     package_data={"mmkernels": ["py.typed"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithIsas.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["mmkernels=mmkernels.cli:main"]},
     python_requires=">=3.11",
 )

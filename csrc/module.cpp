@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "isa.h"
+
 #include <atomic>
 #include <string>
 #include <vector>
@@ -32,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("__version__") = MMKERNELS_VERSION;
   m.def("parallel_threads", &parallel_threads, "threads an at::parallel_for of this extension runs on");
   m.attr("torch_version") = MMKERNELS_STR(MMKERNELS_TORCH_VERSION);
+  m.def("cpu_isa", &mmkernels::cpu_isa, "the instruction set whose CPU kernels the operators run (ATEN_CPU_CAPABILITY picks)");
 #ifdef MMKERNELS_WITH_CUDA
   m.attr("cuda_version") = MMKERNELS_STR(MMKERNELS_CUDA_VERSION);
   m.attr("cuda_archs") = MMKERNELS_STR(MMKERNELS_CUDA_ARCHS);

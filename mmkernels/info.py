@@ -40,6 +40,7 @@ def info() -> dict:
         "triton": importlib.import_module("triton").__version__ if triton_ok else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "cpu_threads": f"{_C.parallel_threads()} of {torch.get_num_threads()}",
+        "cpu_kernels": _C.cpu_isa(),  # the instruction set whose CPU kernels run (ATEN_CPU_CAPABILITY lowers it)
         "backends_cpu": available_backends("cpu"),
     }
     if cuda_ok:

@@ -23,6 +23,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../isa.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -323,11 +324,14 @@ concat_weighted_fusion_backward_cpu(const at::Tensor& grad_out, at::TensorList f
   return {grad_features, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), grad_values};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+void define(torch::Library& m) {
   m.impl("native_concat_weighted_fusion", &concat_weighted_fusion_cpu);
   m.impl("native_concat_weighted_fusion_backward", &concat_weighted_fusion_backward_cpu);
 }
+
+// The operators get these kernels when this file's instruction set is the one chosen (isa.h).
+const bool registered = register_cpu_kernels(MMKERNELS_ISA_NAME, &define, __FILE__, __LINE__);
+
+}  // namespace
 
 }  // namespace mmkernels

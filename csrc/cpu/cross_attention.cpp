@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../isa.h"
 #include "../philox.h"
 #include "microkernel.h"
 #include "parallel.h"
@@ -841,11 +842,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
   return {grad_q, grad_k, grad_v};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+void define(torch::Library& m) {
   m.impl("native_cross_attention", &cross_attention_cpu);
   m.impl("native_cross_attention_backward", &cross_attention_backward_cpu);
 }
+
+// The operators get these kernels when this file's instruction set is the one chosen (isa.h).
+const bool registered = register_cpu_kernels(MMKERNELS_ISA_NAME, &define, __FILE__, __LINE__);
+
+}  // namespace
 
 }  // namespace mmkernels

@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../isa.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -102,11 +103,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> decision_fusion_backward_cpu(
   return {grad_logits, grad_weights};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+void define(torch::Library& m) {
   m.impl("native_decision_fusion", &decision_fusion_cpu);
   m.impl("native_decision_fusion_backward", &decision_fusion_backward_cpu);
 }
+
+// The operators get these kernels when this file's instruction set is the one chosen (isa.h).
+const bool registered = register_cpu_kernels(MMKERNELS_ISA_NAME, &define, __FILE__, __LINE__);
+
+}  // namespace
 
 }  // namespace mmkernels

@@ -22,7 +22,12 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace mmkernels::cpu {
+#ifndef CPU_CAPABILITY
+#error "the CPU kernels are compiled once per instruction set, named by CPU_CAPABILITY (csrc/isa.h)"
+#endif
+
+// Each instruction set's copy has its own symbols (csrc/isa.h), as ATen's at::vec does.
+namespace mmkernels::cpu::inline CPU_CAPABILITY {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -149,4 +154,4 @@ void pack_panels(const S* src, int64_t stride, int64_t rows, int64_t width, int6
   }
 }
 
-}  // namespace mmkernels::cpu
+}  // namespace mmkernels::cpu::inline CPU_CAPABILITY

@@ -14,7 +14,12 @@
 #include <atomic>
 #include <cstdint>
 
-namespace mmkernels::cpu {
+#ifndef CPU_CAPABILITY
+#error "the CPU kernels are compiled once per instruction set, named by CPU_CAPABILITY (csrc/isa.h)"
+#endif
+
+// Each instruction set's copy has its own symbols (csrc/isa.h), as ATen's at::vec does.
+namespace mmkernels::cpu::inline CPU_CAPABILITY {
 
 // A call with less work than this per thread (multiply-adds) runs on fewer threads: waking a
 // thread costs microseconds when the core is idle and far more when another process holds it,
@@ -48,4 +53,4 @@ void for_each_chunk(int64_t rows, int64_t grain, MakeState&& make_state, Body&& 
   });
 }
 
-}  // namespace mmkernels::cpu
+}  // namespace mmkernels::cpu::inline CPU_CAPABILITY

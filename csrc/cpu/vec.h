@@ -10,7 +10,12 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace mmkernels::cpu {
+#ifndef CPU_CAPABILITY
+#error "the CPU kernels are compiled once per instruction set, named by CPU_CAPABILITY (csrc/isa.h)"
+#endif
+
+// Each instruction set's copy has its own symbols (csrc/isa.h), as ATen's at::vec does.
+namespace mmkernels::cpu::inline CPU_CAPABILITY {
 
 template <typename T>
 T dot(const T* a, const T* b, int64_t n) {
@@ -61,4 +66,4 @@ void store_row(const acc_t* src, const at::Tensor& t, int64_t r, int64_t col0, i
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
-}  // namespace mmkernels::cpu
+}  // namespace mmkernels::cpu::inline CPU_CAPABILITY
