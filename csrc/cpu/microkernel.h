@@ -123,6 +123,33 @@ void pack_rows(const S* src, int64_t stride, int64_t rows, int64_t width, T scal
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// A 16 x 16 block of floats, transposed with every step unrolled: 16 loads, 64 shuffles, 16
+// stores. (ATen's AVX-512 transpose takes the block's shape at run time and loops over it, which
+// made decoding's packing of K cost three times its products.)
+inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved within each 128-bit lane
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // rows g..g+3: lane L of r[g + c] holds column c + 4 L
+    const auto lo = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
+    const auto hi = [&](int a, int b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[a]), _mm512_castps_pd(t[b]))); };
+    r[g] = lo(g, g + 2), r[g + 1] = hi(g, g + 2), r[g + 2] = lo(g + 1, g + 3), r[g + 3] = hi(g + 1, g + 3);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes across the row groups
+    const __m512 x0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), x1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 x2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44), x3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    _mm512_storeu_ps(dst + (c + 0) * ld_dst, _mm512_shuffle_f32x4(x0, x2, 0x88));
+    _mm512_storeu_ps(dst + (c + 4) * ld_dst, _mm512_shuffle_f32x4(x0, x2, 0xDD));
+    _mm512_storeu_ps(dst + (c + 8) * ld_dst, _mm512_shuffle_f32x4(x1, x3, 0x88));
+    _mm512_storeu_ps(dst + (c + 12) * ld_dst, _mm512_shuffle_f32x4(x1, x3, 0xDD));
+  }
+}
+#endif
+
 // Rows of a (rows x width) source, scaled and transposed into panels of kPanel rows: panel p
 // holds dst[p * depth * kPanel + c * kPanel + i] = scale * src[(p * kPanel + i) * stride + c],
 // zero-padded to `depth` columns and to whole panels: the B operand of "keys . rows^T".
@@ -132,17 +159,26 @@ void pack_panels(const S* src, int64_t stride, int64_t rows, int64_t width, int6
   const int64_t panels = (rows + P - 1) / P;
   std::fill(dst, dst + panels * depth * P, T(0));
   int64_t j = 0;
-  // Whole 8 x 8 blocks by register transposes (ATen's; scalar where the ISA has none): element by
-  // element, the strided stores of a key tile (decoding packs one per tile) cost more than the
-  // product that reads it.
-  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && P % 8 == 0) {
+  // Whole blocks of one vector width square by register transposes (ATen's; scalar where the ISA
+  // has none): element by element, the strided stores of a key tile (decoding packs one per tile)
+  // cost more than the product that reads it. The block is the ISA's own width: ATen's AVX-512
+  // transposes run any block as a masked 16 x 16 one.
+  constexpr int64_t W = kLanes<float>;
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && P % W == 0) {
     if (scale == T(1)) {
-      for (; j + 8 <= rows; j += 8) {
+      for (; j + W <= rows; j += W) {
         T* d = dst + (j / P) * depth * P + (j % P);
         int64_t c = 0;
-        for (; c + 8 <= width; c += 8) at::vec::transpose_mxn<float, 8, 8>(src + j * stride + c, stride, d + c * P, P);
+        for (; c + W <= width; c += W) {
+#if defined(CPU_CAPABILITY_AVX512)
+          static_assert(W == 16);
+          transpose_16x16(src + j * stride + c, stride, d + c * P, P);
+#else
+          at::vec::transpose_mxn<float, W, W>(src + j * stride + c, stride, d + c * P, P);
+#endif
+        }
         for (; c < width; ++c) {
-          for (int64_t i = 0; i < 8; ++i) d[c * P + i] = src[(j + i) * stride + c];
+          for (int64_t i = 0; i < W; ++i) d[c * P + i] = src[(j + i) * stride + c];
         }
       }
     }
