@@ -215,21 +215,48 @@ def test_decoding_rows_match_the_reference(shape, dtype):
         torch.testing.assert_close(got.double(), want.double(), atol={torch.bfloat16: 2e-2}.get(dtype, 1e-5), rtol=0)
 
 
-def test_decoding_hides_non_finite_hidden_keys_and_keeps_the_backward_exact():
+# Decoding steps on triton: a program per (query index, kv head), the group's query heads as its
+# rows. With the interpreter's 16-key tiles, every case but the last splits its keys over programs
+# (flash-decoding, merged after); the last has too few key tiles to split and finishes in place.
+TRITON_DECODING = [Case(B=2, Hq=8, Hkv=2, Lq=1, Lk=300, kv_lengths=True), Case(B=1, Hq=4, Hkv=4, Lq=3, Lk=100, D=40,
+                   key_padding_mask=True, q_lengths=True), Case(Lq=4, Lk=77, D=24, ranges=True, dropout=0.3),
+                   Case(Hq=6, Hkv=2, Lq=2, Lk=50, causal=True, empty_row=True, layout="blhd"),
+                   Case(B=3, Hq=4, Hkv=1, Lq=1, Lk=61, D=16, key_padding_mask=True, kv_lengths=True, dropout=0.2),
+                   Case(B=1, Hq=40, Hkv=2, Lq=2, Lk=90, D=16, kv_lengths=True, dropout=0.1),  # groups of 20: 16 + 4 rows
+                   Case(B=2, Hq=8, Hkv=2, Lq=1, Lk=40, D=16, kv_lengths=True)]
+
+
+@pytest.mark.parametrize("case", TRITON_DECODING, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_decoding_steps_and_their_backward(case, dtype, monkeypatch):
+    from mmkernels.backends.triton import decoding
+
+    programs = case.B * case.Hkv * -(-(case.Hq // case.Hkv) // decoding.ROWS) * case.Lq
+    splits = decoding.split_keys(torch.device("cpu"), programs, case.Lk, decoding.tiles(dtype, 64)[0])[0]
+    assert (splits > 1) == (case is not TRITON_DECODING[-1])
+    calls = []
+    monkeypatch.setattr(decoding, "decode", lambda *a, real=decoding.decode: calls.append(1) or real(*a))
+    check_backend("triton", case, dtype)
+    assert calls, "the decoding path did not run"
+
+
+@pytest.mark.parametrize("backend, dtype", [("cpu", torch.float64), ("triton", torch.float32)])
+def test_decoding_hides_non_finite_hidden_keys_and_keeps_the_backward_exact(backend, dtype):
     """A decoding step's hidden keys hold NaN and Inf: nothing of them reaches the output; and its
     statistics feed the general backward (a sharp softmax needs the forward's scores bit for bit)."""
     g = torch.Generator().manual_seed(SEED)
-    q = torch.randn(2, 8, 1, 32, generator=g, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(2, 2, 200, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(2, 8, 1, 32, generator=g, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 200, 32, generator=g, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([150, 7])
     k[:, :, 150:], v[:, :, 150:] = float("nan"), float("inf")
+    tol = dict(atol=1e-9, rtol=1e-7) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
     for scale in (None, 30.0, 1e30):
-        got = mmkernels.cross_attention(q, k, v, kv_lengths=lengths, scale=scale, backend="cpu")
+        got = mmkernels.cross_attention(q, k, v, kv_lengths=lengths, scale=scale, backend=backend)
         want = mmkernels.cross_attention(q, k, v, kv_lengths=lengths, scale=scale, backend="reference")
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, **tol)
         (dq,) = torch.autograd.grad(got.sum(), q)
         (dq_ref,) = torch.autograd.grad(want.sum(), q)
-        torch.testing.assert_close(dq, dq_ref, atol=1e-9 * (scale or 1), rtol=1e-7)
+        torch.testing.assert_close(dq, dq_ref, atol=tol["atol"] * (scale or 1), rtol=tol["rtol"])
 
 
 @pytest.mark.parametrize("transform", ["grad", "vjp"])

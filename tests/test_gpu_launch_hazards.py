@@ -38,16 +38,17 @@ def recorded_grids():
 def test_grid_axes_stay_within_limits_for_many_batches_and_heads():
     """B x H = 70,000 (past the 65,535 of a grid's second axis): every launch folds batch and heads
     into the first axis, which takes 2^31 - 1 programs."""
-    B, H, L, D = 35_000, 2, 3, 16
+    B, H, L, D = 35_000, 2, 5, 16
     q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
     with recorded_grids() as grids:
         out = mmkernels.cross_attention(q, k, v, kv_lengths=torch.full((B,), L), causal=True, backend="triton")
         out.sum().backward()
+        mmkernels.cross_attention(q[:, :, :3], k, v, backend="triton")  # a decoding step
         a = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
         outs = mmkernels.co_attention(*a, *a, backend="triton")
         sum(o.sum() for o in outs).backward()
     assert {name for name, _ in grids} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_delta_kernel",
-                                          "_fwd_co_kernel", "_bwd_dkdv_co_kernel", "_bwd_dq_co_kernel"}
+                                          "_fwd_co_kernel", "_bwd_dkdv_co_kernel", "_bwd_dq_co_kernel", "_decode_kernel"}
     for name, grid in grids:
         assert all(n <= limit for n, limit in zip(grid, GRID_LIMITS)), f"{name} grid {grid} exceeds {GRID_LIMITS}"
 

@@ -151,6 +151,19 @@ def attention_cases(dtypes, head_dims, variants: dict, co=False):
             yield f"co_attention {name} {str(dtype)[6:]} hd{D}", co_run
 
 
+def decoding_cases(dtypes, head_dims):
+    """Decoding steps (mmkernels/backends/triton/decoding.py): the plain kernel finishing in place
+    (too few keys to split), and every visibility flag with the keys split and merged."""
+    from mmkernels.backends.triton import cross_attention as A
+
+    for dtype, D, (name, features, Lk) in itertools.product(
+            dtypes, head_dims, [("plain", CHEAP, 96), ("all", TABLE_VARIANTS["all"], 4096)]):
+        B, H, Hkv, Lq = 2, 8, 2, 1
+        q, k, v = _t((B, H, Lq, D), dtype), _t((B, Hkv, Lk, D), dtype), _t((B, Hkv, Lk, D), dtype)
+        kw = attention_arguments(features, B, Lq, Lk)
+        yield f"decoding {name} {str(dtype)[6:]} hd{D}", lambda q=q, k=k, v=v, kw=kw: A.cross_attention(q, k, v, *kw.values(), 0.125)
+
+
 def fusion_cases(dtypes, modalities):
     from mmkernels.backends.triton import concat_weighted_fusion as fusion
     from mmkernels.backends.triton import decision_fusion as decision
@@ -668,13 +681,17 @@ def check_rows(plan, targets, full):
         with for_target(target):
             launches = capture(attention_cases([getattr(torch, d) for d in plan["dtypes"]], plan["head_dims"], TABLE_VARIANTS,
                                                co=full))
+            launches += capture(decoding_cases([getattr(torch, d) for d in plan["dtypes"]], plan["head_dims"]))
             if full:
                 launches += capture(fusion_cases([getattr(torch, d) for d in plan["dtypes"]], plan["modalities"]))
         for launch in launches:
             if not launch.configs:
                 rows.append(Row(launch.case, launch.kernel.__name__, None, target, verdict="not claimed (no tile shape fits)"))
                 continue
-            rows.append(judge(compile_one(launch, launch.configs[0], target, cache)))
+            # The decoding kernels have one tile shape: it must fit every GPU of the target's family.
+            decoding = launch.kernel.__name__.startswith("_decode") and target == "sm_80"
+            rows.append(judge(compile_one(launch, launch.configs[0], target, cache),
+                              budgets.SMALLEST_SM80_SHARED if decoding else None))
     return rows
 
 

@@ -440,18 +440,26 @@ def fwd_program(
         empty = seen == 0
     else:  # an active row sees at least the first key of its range
         empty = active == 0
-    overflow = (l_i == 0.0) & ~empty  # visible keys whose scores all overflowed: NaN, not a silent 0
+    _finish(acc, m_i, l_i, empty, Out, _rows_ptrs(b64 * sob + h64 * soh, rows, sol, dims), in_q[:, None] & (dims[None, :] < D),
+            Lse, row0 + rows, in_q, PAIR)
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, empty, Out, out_offsets, out_mask, Lse, lse_rows, row_ok, PAIR: tl.constexpr):
+    """Normalise a block of output rows and store them (at Out + out_offsets) with their statistics (rows lse_rows of
+    the flattened (B, Hq, Lq)): rows that see no key get 0 and max +inf (P = 0 in the backward),
+    rows whose visible scores all overflowed get NaN, not a silent 0."""
+    overflow = (l_i == 0.0) & ~empty
     out = tl.where(empty[:, None], 0.0, acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None])
     out = tl.where(overflow[:, None], float("nan"), out)
     log2_sum = tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))
-    m_i = tl.where(empty, float("inf"), tl.where(overflow, float("-inf"), m_i))  # no key: P = 0 in the backward
-    tl.store(_rows_ptrs(Out + b64 * sob + h64 * soh, rows, sol, dims), out.to(Out.dtype.element_ty),
-             mask=in_q[:, None] & (dims[None, :] < D))
+    m_i = tl.where(empty, float("inf"), tl.where(overflow, float("-inf"), m_i))
+    tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=out_mask)
     if PAIR:  # the max and the log of the sum apart (mmkernels.backends.base.stats_shape), base 2
-        tl.store(Lse + 2 * (row0 + rows), m_i.to(tl.float64), mask=in_q)
-        tl.store(Lse + 2 * (row0 + rows) + 1, tl.where(empty | overflow, 0.0, log2_sum).to(tl.float64), mask=in_q)
+        tl.store(Lse + 2 * lse_rows, m_i.to(tl.float64), mask=row_ok)
+        tl.store(Lse + 2 * lse_rows + 1, tl.where(empty | overflow, 0.0, log2_sum).to(tl.float64), mask=row_ok)
     else:
-        tl.store(Lse + row0 + rows, tl.where(empty | overflow, m_i, (m_i + log2_sum) * LN2), mask=in_q)
+        tl.store(Lse + lse_rows, tl.where(empty | overflow, m_i, (m_i + log2_sum) * LN2), mask=row_ok)
 
 
 @triton.jit
@@ -875,12 +883,14 @@ class Visibility:
     """The visibility arguments of one direction, as kernel arguments (pointers with their
     strides; a dummy where absent) and constexpr flags."""
 
-    def __init__(self, q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed):
+    def __init__(self, q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed,
+                 mask_bounds=True):
         dummy = q.new_empty(1, dtype=torch.int32)
         pick = lambda t: t if t is not None else dummy
         stride = lambda t, d: t.stride(d) if t is not None else 0
         Lk = k.shape[2]
-        mask_lo, mask_hi = _mask_bounds(key_padding_mask, Lk) if key_padding_mask is not None else (dummy, dummy)
+        with_bounds = key_padding_mask is not None and mask_bounds  # the decoding kernel reads the mask per key
+        mask_lo, mask_hi = _mask_bounds(key_padding_mask, Lk) if with_bounds else (dummy, dummy)
         self.lengths = (pick(kv_lengths), stride(kv_lengths, 0), pick(q_lengths), stride(q_lengths, 0),
                         pick(kv_start), stride(kv_start, 0), stride(kv_start, 1), pick(kv_end), stride(kv_end, 0), stride(kv_end, 1))
         self.mask = (pick(key_padding_mask), stride(key_padding_mask, 0), stride(key_padding_mask, 1), mask_lo, mask_hi,
@@ -966,11 +976,16 @@ def row_delta(out, grad_out, block_d):
 
 
 def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, scale):
+    from mmkernels.backends.triton import decoding  # it builds on this module's kernels
     B, Hq, Lq, D = q.shape
     out = torch.empty_like(q)
     lse = new_stats(q)
     if out.numel() == 0 or k.shape[2] == 0:
         return out.zero_(), _no_key(lse)
+    if decoding.applies(q):
+        vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed,
+                         mask_bounds=False)
+        return decoding.decode(q, k, v, out, lse, vis, scale)
     vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
     _fwd_kernel[grid](q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(), vis.bad_rows(v), *vis.key_bias(),
