@@ -88,18 +88,12 @@ def _visible_async(mask, bool_true_means):
     return ~hidden
 
 
-def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str,
-              decided_holes: bool | None = None):
-    """A 2-D (Lq, Lk), 3-D (B or B*H, Lq, Lk) or 4-D (B or 1, 1 or H, Lq or 1, Lk) mask ->
-    ((kv_start, kv_end, key_padding_mask), None) for the kernels (see interval_ranges; for one
-    query row the ranges are None and the mask is all key padding), or (None, why not).
-    decided_holes: recompute a decided mask's ranges without a sync."""
+def _visible_4d(mask, batch, q_len, kv_len, bool_true_means, decided):
+    """(visible (B or 1, H or 1, Lq or 1, Lk), None) of a 2-, 3- or 4-D mask, or (None, why not).
+    decided: its values were decided before to be visible/hidden only (no sync)."""
     if mask.shape[-1] != kv_len or mask.shape[-2] not in (1, q_len):
         return None, f"a mask of shape {tuple(mask.shape)} for Lq={q_len}, Lk={kv_len}"
-    if decided_holes is not None:
-        visible = _visible_async(mask, bool_true_means)
-    else:
-        visible = visible_keys(mask, bool_true_means=bool_true_means)
+    visible = _visible_async(mask, bool_true_means) if decided else visible_keys(mask, bool_true_means=bool_true_means)
     if visible is None:
         return None, "the mask is an additive bias, not just visible/hidden"
     if visible.dim() == 2:
@@ -112,6 +106,18 @@ def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_t
         return None, f"a {visible.dim()}-D mask"
     if visible.shape[0] not in (1, batch):
         return None, f"a mask for batch {visible.shape[0]}, not {batch}"
+    return visible, None
+
+
+def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str,
+              decided_holes: bool | None = None):
+    """A 2-D (Lq, Lk), 3-D (B or B*H, Lq, Lk) or 4-D (B or 1, 1 or H, Lq or 1, Lk) mask ->
+    ((kv_start, kv_end, key_padding_mask), None) for the kernels (see interval_ranges; for one
+    query row the ranges are None and the mask is all key padding), or (None, why not).
+    decided_holes: recompute a decided mask's ranges without a sync."""
+    visible, why = _visible_4d(mask, batch, q_len, kv_len, bool_true_means, decided_holes is not None)
+    if visible is None:
+        return None, why
     if q_len == 1 and visible.shape[1] == 1:
         # One query row (a decoding step): any set of visible keys is a key padding mask; no
         # span to decide, nothing to assert.
@@ -126,6 +132,66 @@ def to_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_t
         start, end = start.expand(batch, q_len), end.expand(batch, q_len)
         hidden = hidden.expand(batch, kv_len) if hidden is not None else None
     return (start, end, hidden), None
+
+
+MAX_ROW_CLASSES = 4  # fused calls one mask may take
+
+
+def row_classes(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str,
+                decided: tuple | None = None):
+    """A mask whose rows take a few distinct patterns in each batch (a vision encoder's padded
+    patches: real rows see every key, padding rows only the real ones; a BOS row that sees
+    everything above rows that see two images around a padded tile) -> (calls, None), one
+    (kv_start, kv_end, key_padding_mask) per pattern: the rows of the pattern get its first and
+    one-past-last key, the other rows an empty range, so the calls' outputs sum to the masked
+    attention, each row's from one call. key_padding_mask is None for a pattern without holes.
+    (None, why not) for more than MAX_ROW_CLASSES patterns or masks that differ between heads.
+
+    decided: (pattern count, holes per pattern) of an earlier decision: recompute without a
+    host sync and assert on the device that the structure still holds."""
+    visible, why = _visible_4d(mask, batch, q_len, kv_len, bool_true_means, decided is not None)
+    if visible is None:
+        return None, why
+    if decided is None and visible.shape[1] > 1 and not bool((visible == visible[:, :1]).all()):
+        return None, "the mask differs between heads"
+    same_heads = (visible == visible[:, :1]).all() if visible.shape[1] > 1 else None
+    rows = visible[:, 0].expand(visible.shape[0], q_len, kv_len)
+    labels = torch.full(rows.shape[:2], -1, dtype=torch.int8, device=rows.device)
+    patterns, firsts, lasts, holes = [], [], [], []
+    for c in range(MAX_ROW_CLASSES if decided is None else decided[0]):
+        left = labels < 0
+        row = left.int().argmax(1)  # each batch's first row without a pattern yet
+        pattern = rows.gather(1, row.view(-1, 1, 1).expand(-1, 1, kv_len))[:, 0] & left.any(1, keepdim=True)
+        labels = torch.where((rows == pattern[:, None]).all(-1) & left, c, labels)
+        count = pattern.sum(-1)
+        first = torch.where(count > 0, pattern.int().argmax(-1), 0)
+        last = torch.where(count > 0, kv_len - pattern.flip(-1).int().argmax(-1), 0)
+        patterns.append(pattern), firsts.append(first), lasts.append(last), holes.append((count < last - first).any())
+    complete = (labels >= 0).all()
+    if decided is None:
+        facts = torch.stack([complete.long(), labels.max().long() + 1, *(h.long() for h in holes)]).tolist()  # the one sync
+        if not facts[0]:
+            return None, f"the rows take more than {MAX_ROW_CLASSES} patterns of visible keys"
+        used, holes = facts[1], [bool(h) for h in facts[2:2 + facts[1]]]
+    else:
+        used, decided_holes = decided
+        same = complete if same_heads is None else complete & same_heads
+        for h, was in zip(holes, decided_holes):
+            same = same & (h if was else ~h)
+        torch._assert_async(same,
+                            "an attention mask was rewritten in place (no version bump) into one of another "
+                            "structure since mmkernels converted it; pass a new mask tensor")
+        holes = decided_holes
+    calls = []
+    for c in range(used):
+        mine = labels == c
+        start, end = torch.where(mine, firsts[c][:, None], 0), torch.where(mine, lasts[c][:, None], 0)
+        hidden = ~patterns[c] if holes[c] else None
+        if start.shape[0] != batch:
+            start, end = start.expand(batch, q_len), end.expand(batch, q_len)
+            hidden = hidden.expand(batch, kv_len) if hidden is not None else None
+        calls.append((start, end, hidden))
+    return calls, None
 
 
 def traced_ranges(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, *, bool_true_means: str):
@@ -179,21 +245,35 @@ class RangeCache:
         return mask.device.type in self.decide_every_call_on or mask.is_inference()
 
     def __call__(self, mask, batch, q_len, kv_len, *, bool_true_means):
+        convert = lambda holes=None: to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means,
+                                               decided_holes=holes)
+        return self._decide("ranges", mask, (batch, q_len, kv_len, bool_true_means), convert,
+                            lambda ranges: ranges[2] is not None)
+
+    def classes(self, mask, batch, q_len, kv_len, *, bool_true_means):
+        """row_classes(mask, ...), its decision cached as __call__'s is."""
+        convert = lambda decided=None: row_classes(mask, batch, q_len, kv_len, bool_true_means=bool_true_means,
+                                                   decided=decided)
+        return self._decide("classes", mask, (batch, q_len, kv_len, bool_true_means), convert,
+                            lambda calls: (len(calls), [hidden is not None for _, _, hidden in calls]))
+
+    def _decide(self, kind, mask, args, convert, structure_of):
+        """convert() decides afresh (one host sync on a GPU) and returns (result, why not);
+        convert(structure) recomputes this call's values for a structure decided before, without
+        a sync. The cache keeps the structure_of(result), never tensors."""
         if torch.compiler.is_compiling():
             # Deciding needs the mask's values, which a traced graph does not have.
             return None, "masks are not converted to ranges inside torch.compile"
-        convert = lambda holes=None: to_ranges(mask, batch, q_len, kv_len, bool_true_means=bool_true_means,
-                                               decided_holes=holes)
         if self._uncached(mask):
             return convert()
-        key = self._key(mask, batch, q_len, kv_len, bool_true_means)
+        key = (kind, *self._key(mask, *args))
         hit = self._decided(key, mask)
         if hit is None:
-            ranges, why = convert()
-            self._store(key, mask, (None if ranges is None else ranges[2] is not None, why))  # the decision, no tensors
-            return ranges, why
-        holes, why = hit
-        return (None, why) if holes is None else convert(holes)  # this call's values, no sync
+            result, why = convert()
+            self._store(key, mask, (None if result is None else structure_of(result), why))
+            return result, why
+        structure, why = hit
+        return (None, why) if structure is None else convert(structure)  # this call's values, no sync
 
     def visible(self, mask, *, bool_true_means):
         """visible_keys(mask), cached: for a float mask, deciding that it is only 0 and -inf

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
 import mmkernels.integrations.transformers as mmt  # noqa: E402
+from mmkernels import masks  # noqa: E402
 from mmkernels.masks import to_ranges  # noqa: E402
 from transformers import MllamaForCausalLM, MllamaTextConfig  # noqa: E402
 from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask  # noqa: E402
@@ -96,18 +97,54 @@ def test_mllama_interleaved_images_with_padded_tiles_are_fused(calls):
     assert cross[0] is not cross[1] and torch.equal(cross[1]["kv_start"], start)  # converted once, reused
 
 
-def test_mllama_consecutive_images_with_padding_fall_back_with_a_reason(calls, caplog):
+def test_mllama_consecutive_images_with_padding_run_one_call_per_row_pattern(calls):
     """Two images in a row attend as a group; with a padded tile between them and a BOS row that
-    sees everything, no row ranges express it: sdpa runs, the numbers stay right."""
+    sees everything, no row ranges express it, but the rows take two patterns: two fused calls
+    per layer, the numbers sdpa's."""
     sdpa, ours = mllama_models()
     batch = mllama_batch([[BOS, IMAGE, IMAGE, 5, 6, 7]], tiles=[[2, 3]])
+    with torch.no_grad():
+        expected, got = sdpa(**batch).logits, ours(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cross = [c for c in calls["fused"] if "kv_start" in c and c["key_padding_mask"] is not None]
+    assert not calls["fallback"] and len(cross) == 2  # per layer: the BOS row's call, and the text rows' with the hole
+
+
+def test_a_mask_with_too_many_row_patterns_falls_back_with_a_reason(calls, caplog):
+    """Rows that each see their own scattered keys: no ranges, too many patterns for one call
+    each; sdpa runs, the reason is logged once."""
+    sdpa, ours = mllama_models()
+    batch = mllama_batch([[BOS, IMAGE, 5, 6, 7, 8, 9]], tiles=[[3]])
+    g = torch.Generator().manual_seed(0)
+    scattered = torch.rand(batch["cross_attention_mask"].shape, generator=g) < 0.5
+    batch["cross_attention_mask"] = torch.zeros_like(batch["cross_attention_mask"]).masked_fill(scattered, torch.finfo(torch.float32).min)
     with caplog.at_level(logging.DEBUG, logger="mmkernels.integrations.transformers"):
         mmt._logged.clear()
         with torch.no_grad():
             expected, got = sdpa(**batch).logits, ours(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert calls["fallback"] and "not one span" in calls["fallback"][0]
+    assert calls["fallback"] and "not one span" in calls["fallback"][0] and "patterns" in calls["fallback"][0]
     assert sum("falls back to sdpa" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_mllama_vision_encoder_with_padded_patches_and_tiles_is_fused(calls):
+    """MllamaVisionAttention's mask: patches padded to a multiple of 8 and unused tiles, where
+    real rows see every key and padding rows only the real ones (the outer product of the padding).
+    Each of the three layers (two local, one global) runs two fused calls and no sdpa."""
+    from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
+    from transformers.models.mllama.modeling_mllama import MllamaVisionModel
+
+    config = MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                                intermediate_size=64, vision_output_dim=96, image_size=20, patch_size=4, max_num_tiles=4,
+                                intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1], [2, 2]])
+    sdpa, ours = pair(MllamaVisionModel, config)
+    pixels = torch.randn(2, 1, 4, 3, 20, 20)  # 25 patches and a class token a tile, padded to 32
+    aspect_ratio_ids, tiles = torch.tensor([[4], [2]]), torch.tensor([[[1, 1, 1, 1]], [[1, 1, 0, 0]]])
+    with torch.no_grad():
+        expected = sdpa(pixels, aspect_ratio_ids, tiles).last_hidden_state
+        got = ours(pixels, aspect_ratio_ids, tiles).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not calls["fallback"] and len(calls["fused"]) == 3 * 2
 
 
 # --- IDEFICS --------------------------------------------------------------------------------------
@@ -208,6 +245,33 @@ def test_masks_to_ranges():
     per_head = visible.expand(B, 2, Lq, Lk).clone()
     per_head[0, 1, 1, 2] = False
     assert "heads" in to_ranges(per_head, B, Lq, Lk, bool_true_means="visible")[1]
+
+
+def test_row_classes_split_a_mask_into_calls_whose_outputs_sum_to_it():
+    """Padding rows that see only real keys, real rows that see everything (the outer product of
+    the padding), per batch: one call per pattern, each row in one of them; the decision cached,
+    recomputed without a sync; a fifth pattern is refused."""
+    B, L = 2, 20
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, 7:10], pad[0, 17:], pad[1, 15:] = True, True, True
+    mask = torch.zeros(B, 1, L, L).masked_fill((pad[:, :, None] & pad[:, None, :])[:, None], torch.finfo(torch.float32).min)
+    calls, why = masks.row_classes(mask, B, L, L, bool_true_means="visible")
+    assert why is None and len(calls) == 2
+    (start0, end0, hidden0), (start1, end1, hidden1) = calls
+    assert hidden0 is None and torch.equal(hidden1, pad)  # real rows see every key: no mask at all
+    assert torch.equal(end0 > start0, ~pad) and torch.equal(end1 > start1, pad)
+    q, k, v = (torch.randn(B, 4, L, 16, dtype=torch.float64) for _ in range(3))
+    got = sum(mmkernels.cross_attention(q, k, v, kv_start=s, kv_end=e, key_padding_mask=h) for s, e, h in calls)
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.double()))
+    cache = masks.RangeCache()
+    cache.decide_every_call_on = ()
+    first = cache.classes(mask, B, L, L, bool_true_means="visible")[0]
+    again = cache.classes(mask, B, L, L, bool_true_means="visible")[0]
+    assert all(torch.equal(a, b) for x, y in zip(first, again) for a, b in zip(x[:2], y[:2]))
+    five = torch.zeros(1, 1, 5, 6, dtype=torch.bool)
+    for row in range(5):
+        five[0, 0, row, row] = five[0, 0, row, 5] = True  # five rows, five patterns with holes
+    assert "more than 4 patterns" in masks.row_classes(five, 1, 5, 6, bool_true_means="visible")[1]
 
 
 def test_causal_self_attention_without_a_mask_is_fused(calls):

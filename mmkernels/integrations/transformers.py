@@ -11,7 +11,9 @@ whenever the mask says, row by row, "one contiguous span of keys": the shape of 
 masks (Llama 3.2 Vision's image intervals with their BOS row and padded tiles, IDEFICS, BLIP-2's
 padded image tokens) and of causal masks with padding. The mask becomes per-row kv_start/kv_end
 (plus a key_padding_mask for keys no row sees) once per mask tensor, not once per layer (a small
-cache). Causal self-attention without a mask runs the causal kernel. Only what no range can
+cache). A mask whose rows take a few distinct patterns (vision encoders that pad patches and
+queries together, as Mllama's does) runs one fused call per pattern, the other rows' ranges
+empty, and their outputs summed. Causal self-attention without a mask runs the causal kernel. Only what no range can
 express (a bias, holes inside a row, per-head differences, softcap, position bias) goes to
 transformers' own sdpa function, and the reason is logged once at debug level. Inside
 torch.compile the mask's values cannot decide anything while tracing: its ranges are computed on
@@ -81,7 +83,11 @@ def fused_arguments(module, query, key, attention_mask, dropout, is_causal, kwar
         return dict(kv_start=start, kv_end=end, key_padding_mask=hidden, exact=exact), None
     ranges, why = SHARED(attention_mask, B, Lq, Lk, bool_true_means="visible")
     if ranges is None:
-        return None, why
+        calls, why_not = SHARED.classes(attention_mask, B, Lq, Lk, bool_true_means="visible")
+        if calls is None:
+            return None, why if why_not == why else f"{why}, and {why_not}"
+        parts = [dict(kv_start=start, kv_end=end, key_padding_mask=hidden) for start, end, hidden in calls]
+        return dict(parts=parts, dropout_p=dropout), None
     start, end, hidden = ranges
     return dict(kv_start=start, kv_end=end, key_padding_mask=hidden, dropout_p=dropout), None
 
@@ -103,7 +109,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def _fused(query, key, value, scaling, args):
-    return cross_attention(query, key, value, scale=scaling, **args).transpose(1, 2).contiguous()
+    parts = args.pop("parts", None)
+    if parts is None:
+        out = cross_attention(query, key, value, scale=scaling, **args)
+    else:  # one call per pattern of rows (masks.row_classes): each row's output comes from one of them
+        out = sum(cross_attention(query, key, value, scale=scaling, **part, **args) for part in parts)
+    return out.transpose(1, 2).contiguous()
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
