@@ -867,30 +867,54 @@ def _bwd_dq_kernel(
     )
 
 
+@triton.jit
+def _mask_bounds_kernel(Mask, smb, sml, KvLen, s_kvl, Lo, Hi, Bias, s_bias, Lk, width,
+                        HAS_KVLEN: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Batch b's first visible key and one past its last (Lk and 0 when none), under the mask
+    and kv_lengths; with BIAS also the forward's key bias row (Visibility.key_bias) over `width`
+    keys. One pass over the mask, in place of a dozen small torch ops per call."""
+    b = tl.program_id(0).to(tl.int64)
+    end = Lk
+    if HAS_KVLEN:
+        end = tl.minimum(tl.maximum(tl.load(KvLen + b * s_kvl), 0), Lk)
+    first = Lk
+    last = 0
+    for j0 in range(0, width, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        visible = (j < end) & (tl.load(Mask + b * smb + j.to(tl.int64) * sml, mask=j < Lk, other=1) == 0)
+        first = tl.minimum(first, tl.min(tl.where(visible, j, Lk)))
+        last = tl.maximum(last, tl.max(tl.where(visible, j + 1, 0)))
+        if BIAS:
+            tl.store(Bias + b * s_bias + j, tl.where(visible, 0.0, float("-inf")))
+    tl.store(Lo + b, first)
+    tl.store(Hi + b, last)
+
+
 # ---- host side
-
-def _mask_bounds(key_padding_mask, Lk):
-    """Per batch, the first key the mask leaves visible and one past the last (int32, on the
-    device, no host sync): the kernels never visit keys outside them."""
-    visible = ~key_padding_mask
-    any_visible = visible.any(1)
-    first = torch.where(any_visible, visible.int().argmax(1), Lk)
-    last = torch.where(any_visible, Lk - visible.flip(1).int().argmax(1), 0)
-    return first.to(torch.int32), last.to(torch.int32)
-
 
 class Visibility:
     """The visibility arguments of one direction, as kernel arguments (pointers with their
     strides; a dummy where absent) and constexpr flags."""
 
     def __init__(self, q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed,
-                 mask_bounds=True):
+                 mask_bounds=True, key_bias=False):
         dummy = q.new_empty(1, dtype=torch.int32)
         pick = lambda t: t if t is not None else dummy
         stride = lambda t, d: t.stride(d) if t is not None else 0
-        Lk = k.shape[2]
-        with_bounds = key_padding_mask is not None and mask_bounds  # the decoding kernel reads the mask per key
-        mask_lo, mask_hi = _mask_bounds(key_padding_mask, Lk) if with_bounds else (dummy, dummy)
+        # Whether one row may see a key another row of its block does not (the kernels' PAIRWISE).
+        self.pairwise = kv_start is not None or kv_end is not None or bool(causal)
+        self._key_bias = (dummy, 0)
+        mask_lo = mask_hi = dummy
+        if key_padding_mask is not None and mask_bounds:  # (the decoding kernel reads the mask per key)
+            B, Lk = key_padding_mask.shape
+            mask_lo, mask_hi = (torch.empty(B, dtype=torch.int32, device=q.device) for _ in range(2))
+            with_bias = key_bias and not self.pairwise
+            width = triton.cdiv(max(Lk, 1), KEY_BIAS_ALIGN.value) * KEY_BIAS_ALIGN.value if with_bias else Lk
+            if with_bias:
+                self._key_bias = (torch.empty(B, width, dtype=torch.float32, device=q.device), width)
+            _mask_bounds_kernel[(B,)](key_padding_mask, *key_padding_mask.stride(), pick(kv_lengths), stride(kv_lengths, 0),
+                                      mask_lo, mask_hi, self._key_bias[0], width, Lk, width,
+                                      HAS_KVLEN=kv_lengths is not None, BIAS=with_bias, BLOCK=KEY_BIAS_ALIGN.value)
         self.lengths = (pick(kv_lengths), stride(kv_lengths, 0), pick(q_lengths), stride(q_lengths, 0),
                         pick(kv_start), stride(kv_start, 0), stride(kv_start, 1), pick(kv_end), stride(kv_end, 0), stride(kv_end, 1))
         self.mask = (pick(key_padding_mask), stride(key_padding_mask, 0), stride(key_padding_mask, 1), mask_lo, mask_hi,
@@ -899,29 +923,17 @@ class Visibility:
         self.flags = dict(HAS_KVLEN=kv_lengths is not None, HAS_QLEN=q_lengths is not None, HAS_START=kv_start is not None,
                           HAS_END=kv_end is not None, HAS_MASK=key_padding_mask is not None, CAUSAL=bool(causal),
                           DROPOUT=dropout_p > 0)
-        # Whether one row may see a key another row of its block does not (the kernels' PAIRWISE).
-        self.pairwise = kv_start is not None or kv_end is not None or bool(causal)
         self._dummy = dummy
-        self._key_padding_mask, self._kv_lengths = key_padding_mask, kv_lengths
 
     def args(self):
         return (*self.lengths, *self.mask)
 
     def key_bias(self):
-        """The forward's key_padding_mask, where no per-row range applies, as (tensor, row stride): 0.0
-        where a key is visible, -inf where the mask or kv_lengths hides it or it lies past Lk, each
-        row padded to a multiple of KEY_BIAS_ALIGN (so the kernel's loads need no bounds)."""
-        if self._key_padding_mask is None or self.pairwise:
-            return self._dummy, 0
-        mask, kv_lengths = self._key_padding_mask, self._kv_lengths
-        B, Lk = mask.shape
-        width = triton.cdiv(max(Lk, 1), KEY_BIAS_ALIGN.value) * KEY_BIAS_ALIGN.value
-        hidden = torch.ones(B, width, dtype=torch.bool, device=mask.device)
-        hidden[:, :Lk] = mask != 0
-        if kv_lengths is not None:
-            hidden |= torch.arange(width, device=mask.device) >= kv_lengths[:, None]
-        bias = torch.zeros(B, width, dtype=torch.float32, device=mask.device).masked_fill_(hidden, -math.inf)
-        return bias, width
+        """The forward's key_padding_mask, where no per-row range applies and key_bias=True, as
+        (tensor, row stride): 0.0 where a key is visible, -inf where the mask or kv_lengths hides
+        it or it lies past Lk, each row padded to a multiple of KEY_BIAS_ALIGN (so the kernel's
+        loads need no bounds); else a dummy."""
+        return self._key_bias
 
     def bad_rows(self, t):
         """The non-finite rows of t (B, H, L, D) as int8 flags (B, H, L), for the pairwise kernels;
@@ -986,7 +998,7 @@ def cross_attention(q, k, v, kv_lengths, key_padding_mask, q_lengths, kv_start, 
         vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed,
                          mask_bounds=False)
         return decoding.decode(q, k, v, out, lse, vis, scale)
-    vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed)
+    vis = Visibility(q, k, kv_lengths, key_padding_mask, q_lengths, kv_start, kv_end, causal, dropout_p, seed, key_bias=True)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
     _fwd_kernel[grid](q, k, v, out, lse, *leading_strides(q, k, v, out), *vis.args(), vis.bad_rows(v), *vis.key_bias(),
                       Hq, Lq, k.shape[2], Hq // k.shape[1], scale * LOG2E, *vis.dropout,
