@@ -69,6 +69,18 @@ def test_tile_table_covers_every_claimed_half_precision_case_with_big_tiles():
     assert short == SHORTFALLS
 
 
+def test_a_call_takes_the_table_entry_of_its_costliest_feature_class():
+    """Causal alone has its own entry (it needs fewer registers than per-row ranges, with or
+    without causal); two costly classes together take "all"; co_attention's sides (_A, _B) count."""
+    flags = lambda **on: {name: on.get(name, False) for name in ("HAS_KVLEN", "HAS_MASK", "DROPOUT", "HAS_START", "HAS_END", "CAUSAL")}
+    assert budgets.variant(flags(HAS_KVLEN=True)) == "plain"
+    assert budgets.variant(flags(CAUSAL=True)) == "causal"
+    assert budgets.variant(flags(HAS_START=True, CAUSAL=True)) == budgets.variant(flags(HAS_END=True)) == "ranges"
+    assert budgets.variant(flags(CAUSAL=True, HAS_MASK=True)) == "all"
+    assert budgets.variant({"HAS_START_A": False, "HAS_END_B": True, "DROPOUT_A": False}) == "ranges"
+    assert set(budgets.VARIANTS) == {"plain", "mask", "dropout", "causal", "ranges", "all"}
+
+
 def _make_readme():
     spec = importlib.util.spec_from_file_location("make_readme", os.path.join(ROOT, "benchmarks", "make_readme.py"))
     module = importlib.util.module_from_spec(spec)

@@ -108,7 +108,7 @@ CHEAP = {"kv_lengths", "q_lengths"}
 CALL_VARIANTS = {"plain": set(), "kv_lengths": {"kv_lengths"}, "key_padding_mask": {"key_padding_mask"},
                  "ranges": {"ranges"}, "causal": {"causal"}, "dropout": {"dropout"}}
 TABLE_VARIANTS = {"plain": CHEAP, "mask": CHEAP | {"key_padding_mask"}, "dropout": CHEAP | {"dropout"},
-                  "pairwise": CHEAP | {"ranges", "causal"}, "all": CHEAP | {"key_padding_mask", "dropout", "ranges", "causal"}}
+                  "causal": CHEAP | {"causal"}, "ranges": CHEAP | {"ranges", "causal"}, "all": CHEAP | {"key_padding_mask", "dropout", "ranges", "causal"}}
 
 
 def _t(shape, dtype, scale=1.0):
