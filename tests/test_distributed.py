@@ -143,6 +143,13 @@ def dtensor_worker(rank, world, init_file, out_file):
 
         t = dtensor_inputs()
         results = run_ops(t, dist_of, local=gathered)
+        # A list op on a 2-D mesh (ranks x 1): rows sharded on the first dim, replicated on the second.
+        mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("rows", "inner"))
+        a, b = (distribute_tensor(r, mesh2, [Shard(0), Replicate()]).requires_grad_() for r in t["rows"])
+        w = distribute_tensor(t["w"], mesh2, [Replicate(), Replicate()]).requires_grad_()
+        fused = mmkernels.concat_weighted_fusion([a, b], w, None)
+        fused.square().sum().backward()
+        results["fusion_2d_mesh"] = [gathered(x) for x in (fused, a.grad, b.grad, w.grad)]
         try:
             q = dist_of("heads:q", t["q"])
             mmkernels.cross_attention(q, q, q, dropout_p=0.1)
@@ -169,6 +176,10 @@ def test_dtensor_inputs_and_tensor_parallel_match_one_process():
         got = torch.load(out_file, weights_only=False)  # our own file: full_tensor() may give AsyncCollectiveTensors
     t = dtensor_inputs()
     want = run_ops(t)
+    a, b, w = (x.clone().requires_grad_() for x in (*t["rows"], t["w"]))
+    fused = mmkernels.concat_weighted_fusion([a, b], w, None)
+    fused.square().sum().backward()
+    want["fusion_2d_mesh"] = [fused, a.grad, b.grad, w.grad]
     model = TinyAttention()
     y = model(t["x"], t["lengths"].clamp(max=L))
     y.square().sum().backward()

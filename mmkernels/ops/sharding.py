@@ -116,31 +116,32 @@ def distributed(spec, op, call, args, backend):
 
 def on_shards(spec, call, args, backend):
     """An op that takes tensor lists, over DTensors (DTensor cannot place a list through a
-    registered strategy): on a 1-D mesh, when every per-row tensor is sharded on rows, each rank
-    runs the op on its rows with the shared tensors replicated, whose gradients come back Partial;
+    registered strategy): when every per-row tensor has the same placements, each Shard(0) or
+    Replicate on its mesh dim, each rank runs the op on its rows with the shared tensors
+    replicated, whose gradients come back Partial over the mesh dims that shard the rows;
     otherwise on replicated tensors. The outputs are DTensors placed as the rows were."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-
-    from mmkernels.ops.checks import fail
 
     names = arg_names(schemas.SCHEMAS[spec.name][0])
     shared = set(spec.shared)
     mesh = dtensors(args)[0].device_mesh
-    if mesh.ndim != 1:
-        fail(f"mmkernels.{spec.name} takes DTensors on a 1-D device mesh, got a {mesh.ndim}-D one")
+    replicated = [Replicate()] * mesh.ndim
     per_row = [t for name, a in zip(names, args) if name not in shared
                for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
-    sharded = all(isinstance(t, DTensor) and t.placements == (Shard(0),) for t in per_row)
-    placement = Shard(0) if sharded else Replicate()
+    rows_placed = per_row[0].placements if isinstance(per_row[0], DTensor) else None
+    sharded = (rows_placed is not None and Shard(0) in rows_placed and all(p in (Shard(0), Replicate()) for p in rows_placed)
+               and all(isinstance(t, DTensor) and t.placements == rows_placed for t in per_row))
+    placements = list(rows_placed) if sharded else replicated
+    shared_grads = [Partial() if p == Shard(0) else Replicate() for p in placements] if sharded else None
 
     def local(name, t):
         if not isinstance(t, torch.Tensor):
             return t
         if not isinstance(t, DTensor):  # a plain tensor next to DTensors: the same on every rank
-            t = DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+            t = DTensor.from_local(t, mesh, replicated, run_check=False)
         if name in shared:
-            return t.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()] if sharded else None)
-        return t.redistribute(mesh, [placement]).to_local()
+            return t.redistribute(mesh, replicated).to_local(grad_placements=shared_grads)
+        return t.redistribute(mesh, placements).to_local()
 
     local_args = [[local(name, t) for t in a] if isinstance(a, (list, tuple)) else local(name, a) for name, a in zip(names, args)]
     rows = per_row[0].shape[0]
@@ -148,7 +149,7 @@ def on_shards(spec, call, args, backend):
     def place(out):
         shape = (rows, *out.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(out, mesh, [placement], run_check=False, shape=shape, stride=stride)
+        return DTensor.from_local(out, mesh, placements, run_check=False, shape=shape, stride=stride)
 
     outs = call(*local_args, backend=backend)
     return tuple(place(o) for o in outs) if isinstance(outs, tuple) else place(outs)
