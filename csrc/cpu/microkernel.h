@@ -157,7 +157,13 @@ template <typename S, typename T>
 void pack_panels(const S* src, int64_t stride, int64_t rows, int64_t width, int64_t depth, T scale, T* dst) {
   constexpr int64_t P = kPanel<T>;
   const int64_t panels = (rows + P - 1) / P;
-  std::fill(dst, dst + panels * depth * P, T(0));
+  // Zero only the padding (columns past width, lanes past rows in the last panel): the copies
+  // below write the rest, and zeroing every panel cost a decoding step a tenth of its time.
+  for (int64_t p = 0; p < panels && width < depth; ++p) std::fill(dst + (p * depth + width) * P, dst + (p + 1) * depth * P, T(0));
+  if (rows % P) {
+    T* last = dst + (panels - 1) * depth * P;
+    for (int64_t c = 0; c < width; ++c) std::fill(last + c * P + rows % P, last + (c + 1) * P, T(0));
+  }
   int64_t j = 0;
   // Whole blocks of one vector width square by register transposes (ATen's; scalar where the ISA
   // has none): element by element, the strided stores of a key tile (decoding packs one per tile)
