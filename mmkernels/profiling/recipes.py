@@ -66,6 +66,35 @@ def mllama(size, device, dtype) -> Recipe:
                    "(image spans as per-row key ranges) attention both fused"])
 
 
+def mllama_vision(size, device, dtype) -> Recipe:
+    """Llama 3.2 11B Vision's image encoder, a slice: one local and one global layer (the
+    checkpoint has 32 and 8) at the real width (1280, 16 heads, MLP 5120), 560 px tiles of 14 px
+    patches (1,600 and a class token, padded to 1,608), up to 4 tiles an image: one image of 2
+    real tiles, batch 1. The mask is the model's own: padding patches and unused tiles see only
+    real patches, real patches see everything."""
+    from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
+    from transformers.models.mllama.modeling_mllama import MllamaVisionModel
+
+    ratios = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+    if size == "real":
+        hidden, heads, ffn, image, patch = 1280, 16, 5120, 560, 14
+    else:
+        hidden, heads, ffn, image, patch = 32, 4, 64, 20, 4
+    config = MllamaVisionConfig(hidden_size=hidden, num_hidden_layers=1, num_global_layers=1, attention_heads=heads,
+                                intermediate_size=ffn, vision_output_dim=2 * hidden, image_size=image, patch_size=patch,
+                                max_num_tiles=4, intermediate_layers_indices=[0], supported_aspect_ratios=ratios)
+    model = _transformers_model(MllamaVisionModel, config, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(pixel_values=torch.randn(1, 1, 4, 3, image, image, generator=g).to(device, dtype),
+                  aspect_ratio_ids=torch.tensor([[2]], device=device),  # [1, 2]: two tiles
+                  aspect_ratio_mask=torch.tensor([[[1, 1, 0, 0]]], device=device))
+    tokens = (image // patch) ** 2 + 1
+    return Recipe("mllama_vision", size, f"MllamaVisionModel, 1 local + 1 global layer, hidden {hidden}, {heads} heads, "
+                  f"4 tiles x {tokens} tokens (2 real), padded to {-(-tokens // 8) * 8}", model, inputs,
+                  ["MllamaVisionAttention goes through attn_implementation: its mask (padding patches and tiles see "
+                   "only real patches) runs as two fused calls per layer, one per pattern of rows"])
+
+
 def blip2_qformer(size, device, dtype) -> Recipe:
     """BLIP-2's Q-Former at its real size (12 layers, hidden 768, 12 heads, cross-attention to
     the image every 2nd layer, from EVA ViT-g's 1408-wide tokens): 32 learned queries attend to
@@ -150,7 +179,7 @@ def transformer_decoder(size, device, dtype) -> Recipe:
                   ["stock nn.MultiheadAttention (self, causal; cross, padded memory) -> mmkernels.nn.CrossModalAttention"])
 
 
-RECIPES = {"mllama": mllama, "blip2_qformer": blip2_qformer, "whisper": whisper, "transformer_decoder": transformer_decoder}
+RECIPES = {"mllama": mllama, "mllama_vision": mllama_vision, "blip2_qformer": blip2_qformer, "whisper": whisper, "transformer_decoder": transformer_decoder}
 
 
 def build(name: str, size: str = "tiny", device="cpu", dtype=torch.float32) -> Recipe:
