@@ -881,7 +881,7 @@ def _mask_bounds_kernel(Mask, smb, sml, KvLen, s_kvl, Lo, Hi, Bias, s_bias, Lk, 
     last = 0
     for j0 in range(0, width, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
-        visible = (j < end) & (tl.load(Mask + b * smb + j.to(tl.int64) * sml, mask=j < Lk, other=1) == 0)
+        visible = (j < end) & _key_visible(j, Mask, smb, sml, b, Lk, True)
         first = tl.minimum(first, tl.min(tl.where(visible, j, Lk)))
         last = tl.maximum(last, tl.max(tl.where(visible, j + 1, 0)))
         if BIAS:

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from mmkernels.backends.triton.config import INTERPRET
 from mmkernels.backends.triton.cross_attention import (
-    LOG2E, _cols_ptrs, _finish, _load, _row_ranges, _rows_ptrs, _softmax_step, common_flags, leading_strides)
+    LOG2E, _cols_ptrs, _finish, _key_visible, _load, _row_ranges, _rows_ptrs, _softmax_step, common_flags, leading_strides)
 
 DECODE_MAX_LQ = 4
 ROWS = 16  # query heads of a group a program takes (tl.dot's smallest tile); wider groups take several
@@ -76,9 +76,7 @@ def _decode_kernel(
     for start in range(t0, t1, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
         cols = start + offs_n
-        key_ok = (cols >= key_lo) & (cols < key_hi)
-        if HAS_MASK:
-            key_ok = key_ok & (tl.load(Mask + b64 * smb + cols.to(tl.int64) * sml, mask=key_ok, other=1) == 0)
+        key_ok = (cols >= key_lo) & (cols < key_hi) & _key_visible(cols, Mask, smb, sml, b, Lk, HAS_MASK)
         seen += tl.sum(key_ok.to(tl.int32))
         kt = _load(kt_ptrs + start.to(tl.int64) * skl, key_ok[None, :], (dims < D)[:, None], D, BLOCK_D)
         s = tl.where(key_ok[None, :], tl.dot(q, kt, input_precision=PRECISION) * scale_log2, float("-inf"))
